@@ -1,0 +1,63 @@
+//! Routes for operators and orchestrators: liveness, readiness, metrics.
+
+use std::sync::atomic::Ordering;
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use serde::Serialize;
+
+use crate::{AppState, upstream::DependencyState};
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+}
+
+/// Liveness: the process answers. No I/O, so a slow dependency never gets the gateway killed.
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+#[derive(Debug, Serialize)]
+struct Readiness {
+    /// `ready`, `not_ready` or `draining`.
+    status: &'static str,
+    dependencies: Vec<DependencyState>,
+}
+
+/// Readiness: 200 only when every downstream service reports SERVING (checked in parallel,
+/// each bounded by `GATEWAY_READY_TIMEOUT`); 503 otherwise and while draining.
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let dependencies = futures::future::join_all(
+        state
+            .upstreams
+            .all()
+            .map(|upstream| upstream.check(state.config.ready_timeout)),
+    )
+    .await;
+    let status = if state.draining.load(Ordering::Relaxed) {
+        "draining"
+    } else if dependencies.iter().all(DependencyState::is_serving) {
+        "ready"
+    } else {
+        "not_ready"
+    };
+    let code = if status == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(Readiness { status, dependencies }))
+}
+
+/// Prometheus text exposition.
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        platform::metrics::render(),
+    )
+}

@@ -1,0 +1,40 @@
+//! The auth service (`auth.v1.AuthService`): accounts, login, rotating refresh tokens, sessions and roles.
+//!
+//! `main` is the shared [`platform::cli::main`]; tests start [`serve`] in-process on port 0.
+//!
+//! # Layout
+
+/// Settings (`AUTH_*` environment variables).
+pub mod config;
+
+use std::future::Future;
+
+use platform::service::{self, Resources, ServiceSpec};
+use proto::auth::v1::auth_service_server;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+
+pub use config::Config;
+
+/// The migrations in `migrations/auth`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/auth");
+
+pub const SPEC: ServiceSpec = ServiceSpec {
+    name: "auth",
+    env_prefix: "AUTH",
+    default_port: 50051,
+    grpc_services: &[auth_service_server::SERVICE_NAME],
+    file_descriptor_set: proto::FILE_DESCRIPTOR_SET,
+    migrator: &MIGRATOR,
+};
+
+/// Serves the auth service on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let resources = Resources::connect(&SPEC, &config.service)?;
+    let routes = Routes::default();
+    service::serve(&SPEC, &config.service, &resources, routes, listener, shutdown).await
+}

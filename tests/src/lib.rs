@@ -1,0 +1,346 @@
+//! The end-to-end harness: starts the real binaries' `serve` functions in-process, on port 0,
+//! against the private Postgres and Redis that `./dev test` runs.
+//!
+//! Isolation: every service of every stack gets a fresh database (`e2e_<pid>_<n>`) and its own
+//! Redis key prefix, so tests run in parallel and re-run freely. Databases left by a crashed
+//! run are dropped by the next one (their owning pid is gone).
+
+#![allow(clippy::expect_used, clippy::unwrap_used, reason = "test harness: fail loudly")]
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use platform::{config::Env, service::GrpcService};
+use sqlx::{Connection as _, PgConnection};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the private instances are, from `./dev test`.
+#[derive(Debug, Clone)]
+pub struct Infra {
+    /// An admin connection URL (database `postgres`) with CREATEDB rights.
+    pub database_url: String,
+    pub redis_url: String,
+}
+
+impl Infra {
+    pub fn from_env() -> Self {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!(
+                    "{name} is not set: run the tests with `./dev test` (or `./dev test <filter>`), \
+                     which starts the private Postgres and Redis and sets it"
+                )
+            })
+        };
+        Self {
+            database_url: var("TEST_DATABASE_URL"),
+            redis_url: var("TEST_REDIS_URL"),
+        }
+    }
+
+    /// The server URL with `database` in place of the admin database.
+    pub fn url_for(&self, database: &str) -> String {
+        let base = self.database_url.split('?').next().unwrap_or_default();
+        let cut = base.rfind('/').expect("TEST_DATABASE_URL names a database");
+        format!("{}/{database}", &base[..cut])
+    }
+
+    async fn admin(&self) -> PgConnection {
+        PgConnection::connect(&self.database_url)
+            .await
+            .expect("connect to the private Postgres (is `./dev test` running it?)")
+    }
+
+    /// A new, empty database named `e2e_<pid>_<n>_<label>`.
+    pub async fn create_database(&self, label: &str) -> String {
+        let name = self.database_name(label);
+        self.create_named_database(&name).await;
+        name
+    }
+
+    /// A fresh name that no database has yet (for tests that create it later).
+    pub fn database_name(&self, label: &str) -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        format!(
+            "e2e_{}_{}_{label}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    pub async fn create_named_database(&self, name: &str) {
+        drop_stale_databases_once(self).await;
+        let mut admin = self.admin().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "create database {}",
+            quote_ident(name)
+        )))
+            .execute(&mut admin)
+            .await
+            .expect("create a test database");
+    }
+}
+
+/// A Postgres identifier, quoted (names come from us or from `pg_database`).
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Drops `e2e_<pid>_*` databases whose process is gone: leftovers of a crashed or killed run.
+async fn drop_stale_databases_once(infra: &Infra) {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| async {
+        let mut admin = infra.admin().await;
+        let names: Vec<String> =
+            sqlx::query_scalar("select datname from pg_database where datname like 'e2e\\_%'")
+                .fetch_all(&mut admin)
+                .await
+                .expect("list test databases");
+        for name in names {
+            let pid = name.split('_').nth(1).and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if !alive {
+                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "drop database if exists {} with (force)",
+                    quote_ident(&name)
+                )))
+                    .execute(&mut admin)
+                    .await;
+            }
+        }
+    })
+    .await;
+}
+
+/// A server task started in-process, stopped by [`Running::stop`].
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Starts `serve(listener, shutdown)` on an ephemeral loopback port.
+    pub async fn start<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        let task = tokio::spawn(serve(listener, shutdown));
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Sends the shutdown signal (what SIGTERM does in the binary).
+    pub fn signal_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .expect("valid url")
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .expect("connect to the in-process server")
+    }
+}
+
+/// The variables a service reads, pointing at `database` and a private key prefix.
+pub fn service_vars(
+    infra: &Infra,
+    prefix: &str,
+    database: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let key_prefix = format!("e2e:{}:{}:", uuid::Uuid::new_v4().simple(), prefix.to_lowercase());
+    let mut vars = vec![
+        (format!("{prefix}_DATABASE_URL"), infra.url_for(database)),
+        (format!("{prefix}_REDIS_URL"), infra.redis_url.clone()),
+        (format!("{prefix}_REDIS_KEY_PREFIX"), key_prefix),
+        // Tests notice changes quickly and drain fast.
+        (format!("{prefix}_HEALTH_CHECK_INTERVAL"), "100ms".to_owned()),
+        (format!("{prefix}_SHUTDOWN_DRAIN_DELAY"), "0ms".to_owned()),
+        (format!("{prefix}_SHUTDOWN_GRACE_PERIOD"), "5s".to_owned()),
+        (format!("{prefix}_DB_MAX_CONNECTIONS"), "4".to_owned()),
+        (format!("{prefix}_DB_MIN_CONNECTIONS"), "0".to_owned()),
+    ];
+    for (name, value) in extra {
+        vars.retain(|(n, _)| n != &format!("{prefix}_{name}"));
+        vars.push((format!("{prefix}_{name}"), (*value).to_owned()));
+    }
+    vars
+}
+
+/// Builds a service's config exactly as `main` does, from variables.
+pub fn service_config<S: GrpcService>(vars: Vec<(String, String)>) -> S {
+    let env = Env::from_pairs(S::SPEC.env_prefix, vars);
+    let config = S::from_env(&env);
+    env.finish().expect("valid test configuration");
+    config
+}
+
+/// One of the three gRPC services, started on a fresh database.
+pub async fn start_service<S: GrpcService>(infra: &Infra, extra: &[(&str, &str)]) -> Running {
+    let database = infra.create_database(S::SPEC.name).await;
+    let vars = service_vars(infra, S::SPEC.env_prefix, &database, extra);
+    let config: S = service_config(vars);
+    Running::start(move |listener, shutdown| config.serve(listener, shutdown)).await
+}
+
+/// The whole set: three services and the gateway in front of them.
+#[derive(Debug)]
+pub struct Stack {
+    pub auth: Running,
+    pub profile: Running,
+    pub notes: Running,
+    pub gateway: Running,
+}
+
+impl Stack {
+    pub async fn start(infra: &Infra) -> Self {
+        let (auth, profile, notes) = tokio::join!(
+            start_service::<auth::Config>(infra, &[]),
+            start_service::<profile::Config>(infra, &[]),
+            start_service::<notes::Config>(infra, &[]),
+        );
+        let gateway = start_gateway(&[
+            ("AUTH_URL", &auth.url()),
+            ("PROFILE_URL", &profile.url()),
+            ("NOTES_URL", &notes.url()),
+        ])
+        .await;
+        Self {
+            auth,
+            profile,
+            notes,
+            gateway,
+        }
+    }
+
+    pub fn services(&self) -> [(&'static str, &Running); 3] {
+        [
+            ("auth.v1.AuthService", &self.auth),
+            ("profile.v1.ProfileService", &self.profile),
+            ("notes.v1.NotesService", &self.notes),
+        ]
+    }
+
+    /// Stops everything and checks each part exited cleanly.
+    pub async fn stop(mut self) {
+        for running in [
+            &mut self.gateway,
+            &mut self.auth,
+            &mut self.profile,
+            &mut self.notes,
+        ] {
+            running.signal_shutdown();
+        }
+        for running in [self.gateway, self.auth, self.profile, self.notes] {
+            tokio::time::timeout(Duration::from_secs(10), running.task)
+                .await
+                .expect("stops within its grace period")
+                .expect("task did not panic")
+                .expect("serve returned Ok");
+        }
+    }
+}
+
+/// The gateway with `GATEWAY_<name>` overrides.
+pub async fn start_gateway(extra: &[(&str, &str)]) -> Running {
+    let mut vars = vec![
+        ("GATEWAY_SHUTDOWN_DRAIN_DELAY".to_owned(), "0ms".to_owned()),
+        ("GATEWAY_SHUTDOWN_GRACE_PERIOD".to_owned(), "5s".to_owned()),
+    ];
+    vars.extend(
+        extra
+            .iter()
+            .map(|(name, value)| (format!("GATEWAY_{name}"), (*value).to_owned())),
+    );
+    let env = Env::from_pairs("GATEWAY", vars);
+    let config = gateway::Config::from_env(&env);
+    env.finish().expect("valid gateway configuration");
+    Running::start(move |listener, shutdown| gateway::serve(config, listener, shutdown)).await
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `within`.
+pub async fn eventually<T, Fut>(within: Duration, what: &str, mut check: impl FnMut() -> Fut) -> T
+where
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `GET http://<addr><path>` over a fresh HTTP/1.1 connection.
+pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    use http_body_util::BodyExt as _;
+    let client = hyper_util::client::legacy::Client::builder(
+        hyper_util::rt::TokioExecutor::new(),
+    )
+    .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
+    let uri: http::Uri = format!("http://{addr}{path}").parse().expect("valid uri");
+    let response = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+        .await
+        .expect("response within 10s")
+        .expect("HTTP request");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("read body").to_bytes().to_vec();
+    HttpResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}

@@ -57,7 +57,10 @@ impl Config {
             ("PROFILE_URL", &config.profile_url),
             ("NOTES_URL", &config.notes_url),
         ] {
-            if url.parse::<http::Uri>().map_or(true, |uri| uri.scheme().is_none()) {
+            if url
+                .parse::<http::Uri>()
+                .map_or(true, |uri| uri.scheme().is_none())
+            {
                 env.problem(&env.name(name), format!("`{url}` is not an http:// URL"));
             }
         }

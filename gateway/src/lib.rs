@@ -51,6 +51,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Install the recorder before the first request records anything.
+    platform::metrics::handle();
     let state = AppState {
         upstreams: Upstreams::connect(&config)?,
         config: Arc::new(config),

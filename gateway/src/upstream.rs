@@ -34,13 +34,14 @@ impl Upstreams {
             auth::v1::auth_service_server, notes::v1::notes_service_server,
             profile::v1::profile_service_server,
         };
-        let upstream = |name, grpc_service, url: &str| -> Result<Upstream, tonic::transport::Error> {
-            Ok(Upstream {
-                name,
-                grpc_service,
-                channel: grpc::lazy_channel(url, config.upstream)?,
-            })
-        };
+        let upstream =
+            |name, grpc_service, url: &str| -> Result<Upstream, tonic::transport::Error> {
+                Ok(Upstream {
+                    name,
+                    grpc_service,
+                    channel: grpc::lazy_channel(url, config.upstream)?,
+                })
+            };
         Ok(Self {
             auth: upstream("auth", auth_service_server::SERVICE_NAME, &config.auth_url)?,
             profile: upstream(
@@ -48,7 +49,11 @@ impl Upstreams {
                 profile_service_server::SERVICE_NAME,
                 &config.profile_url,
             )?,
-            notes: upstream("notes", notes_service_server::SERVICE_NAME, &config.notes_url)?,
+            notes: upstream(
+                "notes",
+                notes_service_server::SERVICE_NAME,
+                &config.notes_url,
+            )?,
         })
     }
 

@@ -1,7 +1,11 @@
 //! End-to-end tests: the whole set in-process against the private Postgres and Redis.
 //! Run with `./dev test` (all) or `./dev test <filter>` (some).
 
-#![allow(clippy::expect_used, clippy::unwrap_used, reason = "tests: fail loudly")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: fail loudly"
+)]
 
 mod lifecycle;
 mod stack;

@@ -34,7 +34,10 @@ async fn ready_turns_200_once_every_service_serves() {
         .collect();
     names.sort_unstable();
     assert_eq!(names, ["auth", "notes", "profile"]);
-    assert!(dependencies.iter().all(|d| d["state"] == "SERVING"), "{body}");
+    assert!(
+        dependencies.iter().all(|d| d["state"] == "SERVING"),
+        "{body}"
+    );
     assert!(
         ready.headers.contains_key("x-request-id"),
         "every response carries a request id"

@@ -5,7 +5,11 @@
 //! Redis key prefix, so tests run in parallel and re-run freely. Databases left by a crashed
 //! run are dropped by the next one (their owning pid is gone).
 
-#![allow(clippy::expect_used, clippy::unwrap_used, reason = "test harness: fail loudly")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test harness: fail loudly"
+)]
 
 use std::{
     net::SocketAddr,
@@ -79,9 +83,9 @@ impl Infra {
             "create database {}",
             quote_ident(name)
         )))
-            .execute(&mut admin)
-            .await
-            .expect("create a test database");
+        .execute(&mut admin)
+        .await
+        .expect("create a test database");
     }
 }
 
@@ -102,14 +106,15 @@ async fn drop_stale_databases_once(infra: &Infra) {
                 .expect("list test databases");
         for name in names {
             let pid = name.split('_').nth(1).and_then(|p| p.parse::<u32>().ok());
-            let alive = pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            let alive =
+                pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
             if !alive {
                 let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                     "drop database if exists {} with (force)",
                     quote_ident(&name)
                 )))
-                    .execute(&mut admin)
-                    .await;
+                .execute(&mut admin)
+                .await;
             }
         }
     })
@@ -173,13 +178,20 @@ pub fn service_vars(
     database: &str,
     extra: &[(&str, &str)],
 ) -> Vec<(String, String)> {
-    let key_prefix = format!("e2e:{}:{}:", uuid::Uuid::new_v4().simple(), prefix.to_lowercase());
+    let key_prefix = format!(
+        "e2e:{}:{}:",
+        uuid::Uuid::new_v4().simple(),
+        prefix.to_lowercase()
+    );
     let mut vars = vec![
         (format!("{prefix}_DATABASE_URL"), infra.url_for(database)),
         (format!("{prefix}_REDIS_URL"), infra.redis_url.clone()),
         (format!("{prefix}_REDIS_KEY_PREFIX"), key_prefix),
         // Tests notice changes quickly and drain fast.
-        (format!("{prefix}_HEALTH_CHECK_INTERVAL"), "100ms".to_owned()),
+        (
+            format!("{prefix}_HEALTH_CHECK_INTERVAL"),
+            "100ms".to_owned(),
+        ),
         (format!("{prefix}_SHUTDOWN_DRAIN_DELAY"), "0ms".to_owned()),
         (format!("{prefix}_SHUTDOWN_GRACE_PERIOD"), "5s".to_owned()),
         (format!("{prefix}_DB_MAX_CONNECTIONS"), "4".to_owned()),
@@ -327,10 +339,8 @@ impl HttpResponse {
 /// `GET http://<addr><path>` over a fresh HTTP/1.1 connection.
 pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
     use http_body_util::BodyExt as _;
-    let client = hyper_util::client::legacy::Client::builder(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
     let uri: http::Uri = format!("http://{addr}{path}").parse().expect("valid uri");
     let response = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
         .await

@@ -48,7 +48,13 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(Readiness { status, dependencies }))
+    (
+        code,
+        Json(Readiness {
+            status,
+            dependencies,
+        }),
+    )
 }
 
 /// Prometheus text exposition.

@@ -36,5 +36,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let resources = Resources::connect(&SPEC, &config.service)?;
     let routes = Routes::default();
-    service::serve(&SPEC, &config.service, &resources, routes, listener, shutdown).await
+    service::serve(
+        &SPEC,
+        &config.service,
+        &resources,
+        routes,
+        listener,
+        shutdown,
+    )
+    .await
 }

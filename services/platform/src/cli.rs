@@ -56,7 +56,10 @@ fn parse_command(args: &[String]) -> Result<Command, String> {
 }
 
 /// Runs the binary `B` from the process arguments and environment.
-#[allow(clippy::print_stderr, reason = "before telemetry is up, stderr is the only channel")]
+#[allow(
+    clippy::print_stderr,
+    reason = "before telemetry is up, stderr is the only channel"
+)]
 pub fn main<B: Binary>() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if matches!(args.as_slice(), [one] if one == "--help" || one == "-h" || one == "help") {
@@ -81,7 +84,10 @@ pub fn main<B: Binary>() -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("{}: cannot start the async runtime: {e}", B::NAME);

@@ -5,12 +5,7 @@
 //! once, each naming its variable. Secrets are wrapped in [`Secret`] so they never print.
 
 use std::{
-    cell::RefCell,
-    collections::HashMap,
-    fmt,
-    net::SocketAddr,
-    str::FromStr,
-    time::Duration,
+    cell::RefCell, collections::HashMap, fmt, net::SocketAddr, str::FromStr, time::Duration,
 };
 
 /// Exit status for a bad configuration (BSD `EX_USAGE`), so supervisors can tell it from a crash.

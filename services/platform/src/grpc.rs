@@ -53,7 +53,10 @@ impl Default for ClientConfig {
 }
 
 /// A channel to `url` that connects on first use, so start-up order does not matter.
-pub fn lazy_channel(url: &str, config: ClientConfig) -> Result<TracedChannel, tonic::transport::Error> {
+pub fn lazy_channel(
+    url: &str,
+    config: ClientConfig,
+) -> Result<TracedChannel, tonic::transport::Error> {
     let channel = Endpoint::from_shared(url.to_owned())?
         .connect_timeout(config.connect_timeout)
         .timeout(config.request_timeout)

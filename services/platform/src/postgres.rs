@@ -130,7 +130,10 @@ pub fn lazy_pool(config: &PgConfig, application_name: &str) -> Result<PgPool, sq
 
 /// Applies the service's migrations. sqlx holds a Postgres advisory lock while it does, so
 /// replicas starting together apply each migration once and the others wait.
-pub async fn migrate(pool: &PgPool, migrator: &Migrator) -> Result<(), sqlx::migrate::MigrateError> {
+pub async fn migrate(
+    pool: &PgPool,
+    migrator: &Migrator,
+) -> Result<(), sqlx::migrate::MigrateError> {
     migrator.run(pool).await
 }
 

@@ -31,10 +31,8 @@ impl RedisConfig {
             url: env.required("REDIS_URL"),
             key_prefix: env.or("REDIS_KEY_PREFIX", default_key_prefix.to_owned()),
             max_connections: env.or("REDIS_MAX_CONNECTIONS", Self::DEFAULT_MAX_CONNECTIONS),
-            connection_timeout: env.duration_or(
-                "REDIS_CONNECTION_TIMEOUT",
-                Self::DEFAULT_CONNECTION_TIMEOUT,
-            ),
+            connection_timeout: env
+                .duration_or("REDIS_CONNECTION_TIMEOUT", Self::DEFAULT_CONNECTION_TIMEOUT),
         };
         if config.max_connections == 0 {
             env.problem(
@@ -42,9 +40,7 @@ impl RedisConfig {
                 "must be at least 1".to_owned(),
             );
         }
-        if !config.url.expose().is_empty()
-            && redis::Client::open(config.url.expose()).is_err()
-        {
+        if !config.url.expose().is_empty() && redis::Client::open(config.url.expose()).is_err() {
             env.problem(
                 &env.name("REDIS_URL"),
                 "is not a valid redis:// URL".to_owned(),

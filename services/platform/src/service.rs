@@ -245,13 +245,15 @@ async fn readiness(
 fn is_transient(error: &sqlx::migrate::MigrateError) -> bool {
     use sqlx::migrate::MigrateError;
     match error {
-        MigrateError::Execute(e) => matches!(
-            e,
-            sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed
-        ) || is_startup_database_error(e),
+        MigrateError::Execute(e) => {
+            matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            ) || is_startup_database_error(e)
+        }
         _ => false,
     }
 }

@@ -141,6 +141,7 @@ pub async fn serve(
         health.clone(),
         readiness_stopped,
     ));
+    tokio::spawn(report_redis(resources.redis.clone()));
 
     let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -185,7 +186,13 @@ pub async fn serve(
         Ok(result) => result?,
         Err(_) => tracing::warn!("grace period over: cutting the requests still in flight"),
     }
-    resources.db.close().await;
+    // Requests cut at the deadline may still hold connections; do not wait on them.
+    if tokio::time::timeout(Duration::from_secs(1), resources.db.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("database connections still busy at exit");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -238,6 +245,15 @@ async fn readiness(
             () = tokio::time::sleep(interval) => {}
             _ = stop.changed() => return Ok(()),
         }
+    }
+}
+
+/// Says once, at start, whether Redis answers. Redis is a cache here: a service serves from
+/// Postgres without it, so it does not decide health, but a wrong URL should show at once.
+async fn report_redis(redis: RedisPool) {
+    match redis_pool::ping(&redis).await {
+        Ok(()) => tracing::info!("redis answers"),
+        Err(e) => tracing::warn!(error = %e, "redis does not answer; serving without the cache"),
     }
 }
 

@@ -8,4 +8,5 @@
 )]
 
 mod lifecycle;
+mod pools;
 mod stack;

@@ -6,6 +6,8 @@
 pub mod cli;
 /// Typed settings from prefixed environment variables; every problem reported at once.
 pub mod config;
+/// Postgres and Redis failures as gRPC statuses; details logged, never returned.
+pub mod error;
 /// gRPC server spans and lazily connected, trace-carrying client channels.
 pub mod grpc;
 /// The global Prometheus recorder behind `/metrics`.

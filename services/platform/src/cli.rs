@@ -84,6 +84,19 @@ pub fn main<B: Binary>() -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
 
+    let telemetry = config.telemetry().clone();
+    let listen_addr = config.listen_addr();
+    let job = match command {
+        Command::Serve => Job::Serve(config),
+        Command::Migrate => match config.migrate() {
+            Some(migrate) => Job::Migrate(migrate),
+            None => {
+                eprintln!("{}: owns no database, so has no `migrate`", B::NAME);
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -95,10 +108,12 @@ pub fn main<B: Binary>() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let _telemetry = telemetry::init(config.telemetry())?;
-        run(config, command).await.inspect_err(|e| {
-            tracing::error!(error = format!("{e:#}"), "exiting on error");
-        })
+        let _telemetry = telemetry::init(&telemetry)?;
+        let result = match job {
+            Job::Serve(config) => serve(config, listen_addr).await,
+            Job::Migrate(migrate) => migrate.await,
+        };
+        result.inspect_err(|e| tracing::error!(error = format!("{e:#}"), "exiting on error"))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,21 +124,17 @@ pub fn main<B: Binary>() -> ExitCode {
     }
 }
 
-async fn run<B: Binary>(config: B, command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Serve => {
-            let addr = config.listen_addr();
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-            tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "listening");
-            config.serve(listener, Box::pin(shutdown::signal())).await
-        }
-        Command::Migrate => match config.migrate() {
-            Some(migrate) => migrate.await,
-            None => anyhow::bail!("{} owns no database: nothing to migrate", B::NAME),
-        },
-    }
+enum Job<B, M> {
+    Serve(B),
+    Migrate(M),
+}
+
+async fn serve<B: Binary>(config: B, addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "listening");
+    config.serve(listener, Box::pin(shutdown::signal())).await
 }
 
 #[cfg(test)]

@@ -73,8 +73,10 @@ impl PgConfig {
                 ),
             );
         }
-        if !config.url.expose().is_empty()
-            && PgConnectOptions::from_str(config.url.expose()).is_err()
+        let url = config.url.expose();
+        if !url.is_empty()
+            && (!(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+                || PgConnectOptions::from_str(url).is_err())
         {
             env.problem(
                 &env.name("DATABASE_URL"),
@@ -174,6 +176,18 @@ mod tests {
         assert_eq!(config.min_connections, PgConfig::DEFAULT_MIN_CONNECTIONS);
         assert_eq!(config.statement_timeout, Duration::from_millis(250));
         assert!(!config.test_before_acquire);
+    }
+
+    #[test]
+    fn rejects_a_url_of_another_database() {
+        let env = Env::from_pairs(
+            "AUTH",
+            [("AUTH_DATABASE_URL", "mysql://app@127.0.0.1/auth")],
+        );
+        let _ = PgConfig::from_env(&env);
+        let problems = env.finish().err().map(|e| e.problems).unwrap_or_default();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].variable, "AUTH_DATABASE_URL");
     }
 
     #[test]

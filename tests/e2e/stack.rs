@@ -103,21 +103,8 @@ async fn reflection_lists_each_service() {
 
     for (service_name, running) in stack.services() {
         let mut reflection = ServerReflectionClient::new(running.channel().await);
-        let request = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut responses = reflection
-            .server_reflection_info(tokio_stream::iter([request]))
-            .await
-            .expect("reflection stream")
-            .into_inner();
-        let response = responses
-            .next()
-            .await
-            .expect("one response")
-            .expect("no error");
-        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        let response = reflect(&mut reflection, MessageRequest::ListServices(String::new())).await;
+        let Some(MessageResponse::ListServicesResponse(list)) = response else {
             panic!("expected a service list, got {response:?}");
         };
         let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
@@ -133,25 +120,14 @@ async fn reflection_lists_each_service() {
         }
 
         // The descriptor behind the name resolves too, so tools like grpcurl can call it.
-        let request = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol(
-                service_name.to_owned(),
-            )),
-        };
-        let mut responses = reflection
-            .server_reflection_info(tokio_stream::iter([request]))
-            .await
-            .expect("reflection stream")
-            .into_inner();
-        let response = responses
-            .next()
-            .await
-            .expect("one response")
-            .expect("no error");
+        let response = reflect(
+            &mut reflection,
+            MessageRequest::FileContainingSymbol(service_name.to_owned()),
+        )
+        .await;
         assert!(
             matches!(
-                response.message_response,
+                response,
                 Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()
             ),
             "{service_name}: {response:?}"
@@ -159,4 +135,25 @@ async fn reflection_lists_each_service() {
     }
 
     stack.stop().await;
+}
+
+/// One request on the reflection stream, and its one answer.
+async fn reflect(
+    client: &mut ServerReflectionClient<tonic::transport::Channel>,
+    request: MessageRequest,
+) -> Option<MessageResponse> {
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection stream")
+        .into_inner()
+        .next()
+        .await
+        .expect("one response")
+        .expect("no error")
+        .message_response
 }

@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     let protos: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
     tonic_prost_build::configure()
+        // RPCs a service has not implemented yet answer UNIMPLEMENTED, so services can grow
+        // method by method.
+        .generate_default_stubs(true)
         .file_descriptor_set_path(out_dir.join("descriptor_set.bin"))
         .compile_with_config(config, &protos, &[root.clone(), well_known])?;
     Ok(())

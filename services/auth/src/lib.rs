@@ -6,6 +6,12 @@
 
 /// Settings (`AUTH_*` environment variables).
 pub mod config;
+/// Validated inputs: email, password (the policy), display name.
+pub mod domain;
+/// argon2id on a bounded pool of worker threads.
+pub mod password;
+/// Signed access tokens, the key set, and refresh tokens.
+pub mod tokens;
 
 use std::future::Future;
 

@@ -2,6 +2,8 @@
 //!
 //! # Layout
 
+/// Access-token claims and local verification against the published key set.
+pub mod access_token;
 /// `main` for every binary: settings, telemetry, `serve` / `migrate`.
 pub mod cli;
 /// Typed settings from prefixed environment variables; every problem reported at once.

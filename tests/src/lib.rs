@@ -171,6 +171,16 @@ impl Running {
     }
 }
 
+/// Ed25519 signing keys for tests (PKCS#8 PEM), newest first: tokens are signed with the
+/// first, the second stays accepted (a rotation in progress).
+pub const TEST_SIGNING_KEYS: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEINW6emdA3yU7X9O1bhrYMyFzqj9jgdMVVEBJ7BZsXA9M
+-----END PRIVATE KEY-----
+-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEINAlMk/qQCOLgd0TzPwYz0DCOzcH6kH4Gh/Co+oRYLnl
+-----END PRIVATE KEY-----
+";
+
 /// The variables a service reads, pointing at `database` and a private key prefix.
 pub fn service_vars(
     infra: &Infra,
@@ -197,6 +207,17 @@ pub fn service_vars(
         (format!("{prefix}_DB_MAX_CONNECTIONS"), "4".to_owned()),
         (format!("{prefix}_DB_MIN_CONNECTIONS"), "0".to_owned()),
     ];
+    if prefix == "AUTH" {
+        vars.extend([
+            ("AUTH_SIGNING_KEYS".to_owned(), TEST_SIGNING_KEYS.to_owned()),
+            (
+                "AUTH_REFRESH_TOKEN_SECRET".to_owned(),
+                "test-refresh-secret-0123456789abcdef".to_owned(),
+            ),
+            // Two grace seconds keep the reuse tests short.
+            ("AUTH_REFRESH_GRACE_PERIOD".to_owned(), "2s".to_owned()),
+        ]);
+    }
     for (name, value) in extra {
         vars.retain(|(n, _)| n != &format!("{prefix}_{name}"));
         vars.push((format!("{prefix}_{name}"), (*value).to_owned()));

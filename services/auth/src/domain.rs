@@ -125,7 +125,11 @@ impl Password {
     /// so a policy change never locks anyone out.
     pub fn parse_presented(field: &'static str, raw: &str) -> Result<Self, FieldViolation> {
         if raw.is_empty() {
-            return Err(FieldViolation::new(field, "REQUIRED", "password is required"));
+            return Err(FieldViolation::new(
+                field,
+                "REQUIRED",
+                "password is required",
+            ));
         }
         if raw.chars().count() > Self::MAX_CHARS {
             return Err(FieldViolation::new(
@@ -152,7 +156,11 @@ impl DisplayName {
     pub fn parse(field: &'static str, raw: &str) -> Result<Self, FieldViolation> {
         let name = raw.trim();
         if name.is_empty() {
-            return Err(FieldViolation::new(field, "REQUIRED", "display name is required"));
+            return Err(FieldViolation::new(
+                field,
+                "REQUIRED",
+                "display name is required",
+            ));
         }
         if name.chars().count() > Self::MAX_CHARS {
             return Err(FieldViolation::new(
@@ -194,7 +202,16 @@ mod tests {
     fn emails_are_normalised_and_checked() {
         let email = Email::parse("email", "  Alice.Smith@Example.COM ").map(|e| e.0);
         assert_eq!(email.as_deref(), Ok("alice.smith@example.com"));
-        for bad in ["", "alice", "alice@", "@example.com", "a@b", "a@.com", "a b@c.com", "a@b..com"] {
+        for bad in [
+            "",
+            "alice",
+            "alice@",
+            "@example.com",
+            "a@b",
+            "a@.com",
+            "a b@c.com",
+            "a@b..com",
+        ] {
             assert!(Email::parse("email", bad).is_err(), "{bad:?} accepted");
         }
         let long = format!("{}@example.com", "a".repeat(250));
@@ -210,7 +227,10 @@ mod tests {
         assert_eq!(code("correct horse battery staple"), None);
         // A 128-character passphrase is welcome; past the cap is refused.
         assert_eq!(code(&"x7".repeat(64)), None);
-        assert_eq!(code(&"y".repeat(Password::MAX_CHARS + 1)), Some("PASSWORD_TOO_LONG"));
+        assert_eq!(
+            code(&"y".repeat(Password::MAX_CHARS + 1)),
+            Some("PASSWORD_TOO_LONG")
+        );
         // Length counts characters, not bytes.
         assert_eq!(code("ééééééé"), Some("PASSWORD_TOO_SHORT"));
     }
@@ -223,7 +243,10 @@ mod tests {
 
     #[test]
     fn display_names() {
-        assert_eq!(DisplayName::parse("n", "  Ada ").map(|d| d.0).as_deref(), Ok("Ada"));
+        assert_eq!(
+            DisplayName::parse("n", "  Ada ").map(|d| d.0).as_deref(),
+            Ok("Ada")
+        );
         assert!(DisplayName::parse("n", "   ").is_err());
         assert!(DisplayName::parse("n", "a\u{7}b").is_err());
         assert!(DisplayName::parse("n", &"a".repeat(101)).is_err());

@@ -8,8 +8,14 @@
 pub mod config;
 /// Validated inputs: email, password (the policy), display name.
 pub mod domain;
+/// Every failure and its one mapping to a gRPC status.
+pub mod error;
+/// `auth.v1.AuthService`: protobuf ↔ domain, no SQL.
+pub mod grpc;
 /// argon2id on a bounded pool of worker threads.
 pub mod password;
+/// All of auth's SQL.
+pub mod store;
 /// Signed access tokens, the key set, and refresh tokens.
 pub mod tokens;
 
@@ -41,7 +47,23 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let resources = Resources::connect(&SPEC, &config.service)?;
-    let routes = Routes::default();
+    let hasher = password::PasswordHasher::start(config.hasher)?;
+    let issuer = tokens::TokenIssuer::from_pems(
+        &config.tokens.signing_keys,
+        &config.tokens.issuer,
+        &config.tokens.audience,
+        config.tokens.access_ttl,
+    )?;
+    let refresh = tokens::RefreshTokens::new(&config.tokens.refresh_secret)
+        .map_err(|e| anyhow::anyhow!("refresh-token secret: {e}"))?;
+    let api = grpc::AuthApi::new(
+        store::Store::new(resources.db.clone()),
+        hasher,
+        issuer,
+        refresh,
+        config.tokens.clone(),
+    )?;
+    let routes = Routes::new(auth_service_server::AuthServiceServer::new(api));
     service::serve(
         &SPEC,
         &config.service,

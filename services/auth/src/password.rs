@@ -54,7 +54,9 @@ impl HasherConfig {
 pub enum VerifyOutcome {
     Mismatch,
     /// The password is right; `needs_rehash` when the stored hash used other parameters.
-    Match { needs_rehash: bool },
+    Match {
+        needs_rehash: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +98,9 @@ impl std::fmt::Debug for PasswordHasher {
 impl PasswordHasher {
     /// Starts the workers. Computes the dummy hash once, with the configured parameters.
     pub fn start(config: HasherConfig) -> Result<Self, HashError> {
-        let params = config.params().map_err(|e| HashError::Failed(e.to_string()))?;
+        let params = config
+            .params()
+            .map_err(|e| HashError::Failed(e.to_string()))?;
         let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
         let dummy = hash_with(&argon2, &random_password())?;
         let (jobs, receiver) = mpsc::sync_channel::<(Instant, Job)>(config.queue);
@@ -266,24 +270,45 @@ mod tests {
     #[tokio::test]
     async fn hashes_verify_and_flag_old_parameters() {
         let hasher = PasswordHasher::start(cheap(1, 4)).unwrap();
-        let phc = hasher.hash(password("correct horse battery staple")).await.unwrap();
+        let phc = hasher
+            .hash(password("correct horse battery staple"))
+            .await
+            .unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{phc}");
         assert_eq!(
-            hasher.verify(password("correct horse battery staple"), Some(phc.clone())).await.unwrap(),
-            VerifyOutcome::Match { needs_rehash: false }
+            hasher
+                .verify(password("correct horse battery staple"), Some(phc.clone()))
+                .await
+                .unwrap(),
+            VerifyOutcome::Match {
+                needs_rehash: false
+            }
         );
         assert_eq!(
-            hasher.verify(password("wrong horse battery staple"), Some(phc.clone())).await.unwrap(),
+            hasher
+                .verify(password("wrong horse battery staple"), Some(phc.clone()))
+                .await
+                .unwrap(),
             VerifyOutcome::Mismatch
         );
         assert_eq!(
-            hasher.verify(password("anything at all"), None).await.unwrap(),
+            hasher
+                .verify(password("anything at all"), None)
+                .await
+                .unwrap(),
             VerifyOutcome::Mismatch
         );
 
-        let stronger = PasswordHasher::start(HasherConfig { iterations: 2, ..cheap(1, 4) }).unwrap();
+        let stronger = PasswordHasher::start(HasherConfig {
+            iterations: 2,
+            ..cheap(1, 4)
+        })
+        .unwrap();
         assert_eq!(
-            stronger.verify(password("correct horse battery staple"), Some(phc)).await.unwrap(),
+            stronger
+                .verify(password("correct horse battery staple"), Some(phc))
+                .await
+                .unwrap(),
             VerifyOutcome::Match { needs_rehash: true }
         );
     }

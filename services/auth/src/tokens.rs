@@ -47,7 +47,10 @@ pub struct TokenIssuer {
 impl std::fmt::Debug for TokenIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenIssuer")
-            .field("kids", &self.keys.iter().map(|k| &k.kid).collect::<Vec<_>>())
+            .field(
+                "kids",
+                &self.keys.iter().map(|k| &k.kid).collect::<Vec<_>>(),
+            )
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("ttl", &self.ttl)
@@ -73,9 +76,7 @@ impl TokenIssuer {
             .map(|(index, pem)| {
                 let key = ed25519_dalek::SigningKey::from_pkcs8_pem(pem.expose())
                     .map_err(|_| KeyError::NotEd25519 { index })?;
-                let der = key
-                    .to_pkcs8_der()
-                    .map_err(|_| KeyError::Encode { index })?;
+                let der = key.to_pkcs8_der().map_err(|_| KeyError::Encode { index })?;
                 let x = URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes());
                 let kid = thumbprint(&x);
                 Ok(SigningKey {
@@ -222,15 +223,22 @@ mod tests {
     }
 
     fn issuer() -> TokenIssuer {
-        TokenIssuer::from_pems(&[test_pem()], "svcset-auth", "svcset", Duration::from_secs(900))
-            .unwrap()
+        TokenIssuer::from_pems(
+            &[test_pem()],
+            "svcset-auth",
+            "svcset",
+            Duration::from_secs(900),
+        )
+        .unwrap()
     }
 
     #[test]
     fn issued_tokens_verify_with_the_published_keys() {
         let issuer = issuer();
         let (user, session) = (Uuid::now_v7(), Uuid::now_v7());
-        let token = issuer.issue(user, session, vec!["admin".to_owned()]).unwrap();
+        let token = issuer
+            .issue(user, session, vec!["admin".to_owned()])
+            .unwrap();
         let claims = issuer.verifier().unwrap().verify(&token).unwrap();
         assert_eq!(claims.sub, user.to_string());
         assert_eq!(claims.sid, session.to_string());
@@ -242,7 +250,9 @@ mod tests {
     fn forged_tokens_are_refused() {
         let issuer = issuer();
         let verifier = issuer.verifier().unwrap();
-        let token = issuer.issue(Uuid::now_v7(), Uuid::now_v7(), vec![]).unwrap();
+        let token = issuer
+            .issue(Uuid::now_v7(), Uuid::now_v7(), vec![])
+            .unwrap();
         let parts: Vec<&str> = token.split('.').collect();
 
         // Tampered payload: roles added after signing.
@@ -275,10 +285,15 @@ mod tests {
         assert_eq!(verifier.verify(&hmac_token), Err(TokenError::Invalid));
 
         // Another audience.
-        let other = TokenIssuer::from_pems(&[test_pem()], "svcset-auth", "elsewhere", Duration::from_secs(60))
-            .unwrap()
-            .issue(Uuid::now_v7(), Uuid::now_v7(), vec![])
-            .unwrap();
+        let other = TokenIssuer::from_pems(
+            &[test_pem()],
+            "svcset-auth",
+            "elsewhere",
+            Duration::from_secs(60),
+        )
+        .unwrap()
+        .issue(Uuid::now_v7(), Uuid::now_v7(), vec![])
+        .unwrap();
         assert_eq!(verifier.verify(&other), Err(TokenError::Invalid));
 
         // Expired beyond the leeway.

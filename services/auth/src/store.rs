@@ -1,0 +1,469 @@
+//! All of auth's SQL, as small named functions. Queries are checked at compile time against
+//! the `auth` schema (offline data in `.sqlx/`; `./dev sqlx-prepare` refreshes it).
+//!
+//! State changes and their audit rows are written by one statement each, so an audit trail
+//! never misses a change nor records one that did not happen.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::tokens::TokenHash;
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: PgPool,
+}
+
+/// What login needs about an account.
+#[derive(Debug)]
+pub struct Credentials {
+    pub user_id: Uuid,
+    pub password_hash: String,
+    pub active: bool,
+    pub roles: Vec<String>,
+}
+
+/// Where a request came from, for sessions and audit rows.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    pub ip_address: String,
+    pub user_agent: String,
+}
+
+/// A session that a rotation (or a duplicate within the grace window) continues.
+#[derive(Debug)]
+pub struct LiveSession {
+    pub session_id: Uuid,
+    pub user_id: Uuid,
+    pub roles: Vec<String>,
+}
+
+/// What the database knows about a presented refresh token that did not rotate.
+#[derive(Debug)]
+pub struct PresentedToken {
+    pub session_id: Uuid,
+    pub user_id: Uuid,
+    pub rotated_at: Option<DateTime<Utc>>,
+    pub session_live: bool,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct SessionRow {
+    pub id: Uuid,
+    pub device_name: String,
+    pub ip_address: String,
+    pub user_agent: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RevokeOutcome {
+    Revoked,
+    AlreadyEnded,
+    NotFound,
+}
+
+impl Store {
+    pub fn new(db: PgPool) -> Self {
+        Self { db }
+    }
+
+    /// Creates the account; `false` when the email is taken.
+    pub async fn create_user(
+        &self,
+        user_id: Uuid,
+        email: &str,
+        password_hash: &str,
+        display_name: &str,
+        client: &ClientInfo,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query!(
+            r#"
+            with created as (
+                insert into users (id, email, password_hash, display_name)
+                values ($1, $2, $3, $4)
+                on conflict do nothing
+                returning id
+            )
+            insert into audit_events (kind, user_id, ip_address)
+            select 'user_registered', id, $5 from created
+            "#,
+            user_id,
+            email,
+            password_hash,
+            display_name,
+            client.ip_address,
+        )
+        .execute(&self.db)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn credentials(&self, email: &str) -> Result<Option<Credentials>, sqlx::Error> {
+        let row = sqlx::query!(
+            r#"
+            select u.id, u.password_hash, u.status,
+                   array(select role_name from user_roles r where r.user_id = u.id order by role_name)
+                       as "roles!"
+            from users u
+            where lower(u.email) = lower($1)
+            "#,
+            email,
+        )
+        .fetch_optional(&self.db)
+        .await?;
+        Ok(row.map(|r| Credentials {
+            user_id: r.id,
+            password_hash: r.password_hash,
+            active: r.status == "active",
+            roles: r.roles,
+        }))
+    }
+
+    /// Records a failed login without saying whether the account exists.
+    pub async fn record_login_failure(
+        &self,
+        user_id: Option<Uuid>,
+        client: &ClientInfo,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query!(
+            "insert into audit_events (kind, user_id, ip_address) values ('login_failed', $1, $2)",
+            user_id,
+            client.ip_address,
+        )
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// Opens a session with its first refresh token, and audits the login.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open_session(
+        &self,
+        session_id: Uuid,
+        user_id: Uuid,
+        device_name: &str,
+        client: &ClientInfo,
+        lifetime_seconds: f64,
+        refresh_hash: &TokenHash,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query!(
+            r#"
+            with session as (
+                insert into sessions (id, user_id, device_name, user_agent, ip_address, expires_at)
+                values ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+                returning id, user_id
+            ), token as (
+                insert into refresh_tokens (token_hash, session_id)
+                select $7, id from session
+            )
+            insert into audit_events (kind, user_id, session_id, ip_address)
+            select 'login_succeeded', user_id, id, $5 from session
+            "#,
+            session_id,
+            user_id,
+            device_name,
+            client.user_agent,
+            client.ip_address,
+            lifetime_seconds,
+            refresh_hash.as_slice(),
+        )
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// Replaces a stored hash after a login with old parameters, unless it changed meanwhile.
+    pub async fn rehash(&self, user_id: Uuid, old: &str, new: &str) -> Result<(), sqlx::Error> {
+        sqlx::query!(
+            "update users set password_hash = $3, updated_at = now() where id = $1 and password_hash = $2",
+            user_id,
+            old,
+            new,
+        )
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// The one rotation of `presented`: marks it rotated and stores its successor, in one
+    /// statement. Of concurrent calls with the same token exactly one gets `Some`; the others
+    /// wait on the row lock, then find it rotated.
+    pub async fn rotate(
+        &self,
+        presented: &TokenHash,
+        successor: &TokenHash,
+        idle_timeout_seconds: f64,
+        client: &ClientInfo,
+    ) -> Result<Option<LiveSession>, sqlx::Error> {
+        let row = sqlx::query!(
+            r#"
+            with rotated as (
+                update refresh_tokens t
+                set rotated_at = now()
+                from sessions s
+                where t.token_hash = $1
+                  and t.rotated_at is null
+                  and s.id = t.session_id
+                  and s.revoked_at is null
+                  and s.expires_at > now()
+                  and s.last_used_at > now() - make_interval(secs => $3)
+                returning t.session_id, s.user_id
+            ), successor as (
+                insert into refresh_tokens (token_hash, session_id)
+                select $2, session_id from rotated
+            ), touched as (
+                update sessions set last_used_at = now(), ip_address = $4
+                where id in (select session_id from rotated)
+            )
+            select r.session_id, r.user_id,
+                   array(select role_name from user_roles u where u.user_id = r.user_id order by role_name)
+                       as "roles!"
+            from rotated r
+            "#,
+            presented.as_slice(),
+            successor.as_slice(),
+            idle_timeout_seconds,
+            client.ip_address,
+        )
+        .fetch_optional(&self.db)
+        .await?;
+        Ok(row.map(|r| LiveSession {
+            session_id: r.session_id,
+            user_id: r.user_id,
+            roles: r.roles,
+        }))
+    }
+
+    /// Looks up a refresh token that did not rotate: already rotated, expired, or unknown.
+    pub async fn presented(
+        &self,
+        presented: &TokenHash,
+        idle_timeout_seconds: f64,
+    ) -> Result<Option<PresentedToken>, sqlx::Error> {
+        let row = sqlx::query!(
+            r#"
+            select t.session_id, s.user_id, t.rotated_at,
+                   (s.revoked_at is null and s.expires_at > now()
+                    and s.last_used_at > now() - make_interval(secs => $2)) as "session_live!",
+                   array(select role_name from user_roles u where u.user_id = s.user_id order by role_name)
+                       as "roles!"
+            from refresh_tokens t
+            join sessions s on s.id = t.session_id
+            where t.token_hash = $1
+            "#,
+            presented.as_slice(),
+            idle_timeout_seconds,
+        )
+        .fetch_optional(&self.db)
+        .await?;
+        Ok(row.map(|r| PresentedToken {
+            session_id: r.session_id,
+            user_id: r.user_id,
+            rotated_at: r.rotated_at,
+            session_live: r.session_live,
+            roles: r.roles,
+        }))
+    }
+
+    /// Whether `token` is a stored, not yet rotated token of `session_id`.
+    pub async fn is_current_token(
+        &self,
+        session_id: Uuid,
+        token: &TokenHash,
+    ) -> Result<bool, sqlx::Error> {
+        let found = sqlx::query_scalar!(
+            r#"select exists (select 1 from refresh_tokens where token_hash = $1 and session_id = $2) as "found!""#,
+            token.as_slice(),
+            session_id,
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(found)
+    }
+
+    /// Ends one session (if still live) and audits why.
+    pub async fn revoke_session(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        reason: &str,
+    ) -> Result<RevokeOutcome, sqlx::Error> {
+        let row = sqlx::query!(
+            r#"
+            with target as (
+                select id, revoked_at is not null as ended
+                from sessions where id = $1 and user_id = $2
+            ), ended as (
+                update sessions set revoked_at = now(), revoked_reason = $3
+                where id in (select id from target where not ended)
+                returning id
+            ), audited as (
+                insert into audit_events (kind, user_id, session_id, detail)
+                select 'session_revoked', $2, id, jsonb_build_object('reason', $3::text) from ended
+            )
+            select (select count(*) from target) as "found!", (select count(*) from ended) as "revoked!"
+            "#,
+            session_id,
+            user_id,
+            reason,
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(match (row.found, row.revoked) {
+            (0, _) => RevokeOutcome::NotFound,
+            (_, 0) => RevokeOutcome::AlreadyEnded,
+            _ => RevokeOutcome::Revoked,
+        })
+    }
+
+    /// Ends every live session of the user except `keep`, and audits each.
+    pub async fn revoke_all_sessions(
+        &self,
+        user_id: Uuid,
+        keep: Option<Uuid>,
+        reason: &str,
+    ) -> Result<u64, sqlx::Error> {
+        let revoked = sqlx::query_scalar!(
+            r#"
+            with ended as (
+                update sessions set revoked_at = now(), revoked_reason = $3
+                where user_id = $1 and revoked_at is null and id is distinct from $2
+                returning id
+            ), audited as (
+                insert into audit_events (kind, user_id, session_id, detail)
+                select 'session_revoked', $1, id, jsonb_build_object('reason', $3::text) from ended
+            )
+            select count(*) as "revoked!" from ended
+            "#,
+            user_id,
+            keep,
+            reason,
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(u64::try_from(revoked).unwrap_or_default())
+    }
+
+    /// A refresh token was reused after the grace window: treat it as theft and end the
+    /// whole family.
+    pub async fn revoke_for_reuse(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        client: &ClientInfo,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query!(
+            r#"
+            with ended as (
+                update sessions set revoked_at = now(), revoked_reason = 'refresh_token_reuse'
+                where id = $1 and revoked_at is null
+                returning id
+            )
+            insert into audit_events (kind, user_id, session_id, ip_address, detail)
+            values ('refresh_token_reuse', $2, $1, $3,
+                    jsonb_build_object('family_revoked', (select count(*) from ended) > 0))
+            "#,
+            session_id,
+            user_id,
+            client.ip_address,
+        )
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// Whether the session exists and is live (auth checks its own callers with it).
+    pub async fn session_is_live(
+        &self,
+        session_id: Uuid,
+        idle_timeout_seconds: f64,
+    ) -> Result<bool, sqlx::Error> {
+        let live = sqlx::query_scalar!(
+            r#"
+            select exists (
+                select 1 from sessions
+                where id = $1 and revoked_at is null and expires_at > now()
+                  and last_used_at > now() - make_interval(secs => $2)
+            ) as "live!"
+            "#,
+            session_id,
+            idle_timeout_seconds,
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(live)
+    }
+
+    /// The user's live sessions, most recently used first, after the keyset `after`.
+    pub async fn list_sessions(
+        &self,
+        user_id: Uuid,
+        idle_timeout_seconds: f64,
+        after: Option<(DateTime<Utc>, Uuid)>,
+        limit: i64,
+    ) -> Result<Vec<SessionRow>, sqlx::Error> {
+        let (after_used, after_id) = after.unzip();
+        sqlx::query_as!(
+            SessionRow,
+            r#"
+            select id, device_name, ip_address, user_agent, created_at, last_used_at, expires_at
+            from sessions
+            where user_id = $1 and revoked_at is null and expires_at > now()
+              and last_used_at > now() - make_interval(secs => $2)
+              and ($3::timestamptz is null or (last_used_at, id) < ($3, $4::uuid))
+            order by last_used_at desc, id desc
+            limit $5
+            "#,
+            user_id,
+            idle_timeout_seconds,
+            after_used,
+            after_id,
+            limit,
+        )
+        .fetch_all(&self.db)
+        .await
+    }
+
+    pub async fn password_hash(&self, user_id: Uuid) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar!("select password_hash from users where id = $1", user_id)
+            .fetch_optional(&self.db)
+            .await
+    }
+
+    /// Sets the new hash and ends every other session, in one statement; returns how many
+    /// sessions ended.
+    pub async fn change_password(
+        &self,
+        user_id: Uuid,
+        new_hash: &str,
+        keep: Uuid,
+    ) -> Result<u64, sqlx::Error> {
+        let revoked = sqlx::query_scalar!(
+            r#"
+            with changed as (
+                update users set password_hash = $2, updated_at = now() where id = $1 returning id
+            ), ended as (
+                update sessions set revoked_at = now(), revoked_reason = 'password_changed'
+                where user_id in (select id from changed) and revoked_at is null and id <> $3
+                returning id
+            ), audited as (
+                insert into audit_events (kind, user_id, session_id, detail)
+                select 'password_changed', id, $3, jsonb_build_object('sessions_revoked', (select count(*) from ended))
+                from changed
+            )
+            select count(*) as "revoked!" from ended
+            "#,
+            user_id,
+            new_hash,
+            keep,
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(u64::try_from(revoked).unwrap_or_default())
+    }
+}

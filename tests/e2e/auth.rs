@@ -1,0 +1,535 @@
+//! The auth service over gRPC against real Postgres: accounts, login, rotating refresh
+//! tokens, sessions, password change.
+
+use std::time::Duration;
+
+use e2e::{Infra, Running, eventually, service_config, service_vars};
+use platform::{
+    access_token::{AccessTokenVerifier, PublicKey},
+    service::GrpcService as _,
+};
+use proto::auth::v1::{self as pb, auth_service_client::AuthServiceClient};
+use sqlx::{Connection as _, PgConnection};
+use tonic::{Code, Request, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_types::StatusExt as _;
+
+const PASSWORD: &str = "correct horse battery staple";
+
+/// One auth service on its own database, plus a connection to that database.
+struct Auth {
+    running: Running,
+    client: AuthServiceClient<Channel>,
+    database_url: String,
+}
+
+impl Auth {
+    async fn start(extra: &[(&str, &str)]) -> Self {
+        let infra = Infra::from_env();
+        let database = infra.create_database("auth").await;
+        let config: auth::Config = service_config(service_vars(&infra, "AUTH", &database, extra));
+        let running =
+            Running::start(move |listener, shutdown| config.serve(listener, shutdown)).await;
+        let channel = running.channel().await;
+        let mut health = HealthClient::new(channel.clone());
+        eventually(Duration::from_secs(30), "auth SERVING", || {
+            let mut health = health.clone();
+            async move {
+                let status = health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .status();
+                (status == ServingStatus::Serving).then_some(())
+            }
+        })
+        .await;
+        let _ = &mut health;
+        Self {
+            running,
+            client: AuthServiceClient::new(channel),
+            database_url: infra.url_for(&database),
+        }
+    }
+
+    async fn db(&self) -> PgConnection {
+        PgConnection::connect(&self.database_url)
+            .await
+            .expect("connect")
+    }
+
+    async fn register(&self, email: &str) -> String {
+        self.client
+            .clone()
+            .register(pb::RegisterRequest {
+                email: email.to_owned(),
+                password: PASSWORD.to_owned(),
+                display_name: "Ada".to_owned(),
+            })
+            .await
+            .expect("register")
+            .into_inner()
+            .user_id
+    }
+
+    async fn login(&self, email: &str, password: &str) -> Result<pb::LoginResponse, tonic::Status> {
+        self.client
+            .clone()
+            .login(pb::LoginRequest {
+                email: email.to_owned(),
+                password: password.to_owned(),
+                device_name: Some("Pixel 8".to_owned()),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn refresh(&self, token: &str) -> Result<pb::RefreshResponse, tonic::Status> {
+        self.client
+            .clone()
+            .refresh(pb::RefreshRequest {
+                refresh_token: token.to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn sessions(&self, access_token: &str) -> Result<Vec<pb::Session>, tonic::Status> {
+        self.client
+            .clone()
+            .list_sessions(bearer(pb::ListSessionsRequest::default(), access_token))
+            .await
+            .map(|r| r.into_inner().sessions)
+    }
+
+    async fn stop(mut self) {
+        self.running.signal_shutdown();
+        self.running
+            .task
+            .await
+            .expect("no panic")
+            .expect("serve returned Ok");
+    }
+}
+
+fn bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    let value = format!("Bearer {token}").parse().expect("ascii header");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+fn unique_email() -> String {
+    format!("user-{}@Example.com", uuid::Uuid::new_v4().simple())
+}
+
+fn reason(status: &tonic::Status) -> Option<String> {
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+#[tokio::test]
+async fn register_login_and_verify_the_token_with_the_published_keys() {
+    let auth = Auth::start(&[]).await;
+    let email = unique_email();
+    let user_id = auth.register(&email).await;
+
+    // Emails are case-insensitive: the upper-case form logs in.
+    let login = auth
+        .login(&email.to_uppercase(), PASSWORD)
+        .await
+        .expect("login");
+    assert_eq!(login.user_id, user_id);
+    assert_eq!(login.token_type, "Bearer");
+    assert_eq!(login.expires_in, 900);
+    assert_eq!(
+        login.refresh_token.len(),
+        43,
+        "256-bit base64url refresh token"
+    );
+
+    let jwks = auth
+        .client
+        .clone()
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .expect("jwks")
+        .into_inner();
+    assert_eq!(jwks.keys.len(), 2, "both configured keys are published");
+    assert!(
+        jwks.keys
+            .iter()
+            .all(|k| k.kty == "OKP" && k.alg == "EdDSA" && k.r#use == "sig")
+    );
+    let keys: Vec<PublicKey> = jwks
+        .keys
+        .into_iter()
+        .map(|k| PublicKey { kid: k.kid, x: k.x })
+        .collect();
+    let verifier = AccessTokenVerifier::new(&keys, "svcset-auth", "svcset").expect("verifier");
+    let claims = verifier
+        .verify(&login.access_token)
+        .expect("token verifies");
+    assert_eq!(claims.sub, user_id);
+    assert!(!claims.sid.is_empty() && !claims.jti.is_empty());
+
+    let sessions = auth.sessions(&login.access_token).await.expect("sessions");
+    assert_eq!(sessions.len(), 1);
+    assert!(sessions[0].current);
+    assert_eq!(sessions[0].device_name, "Pixel 8");
+    assert_eq!(sessions[0].session_id, claims.sid);
+
+    // The database holds only a hash of the refresh token, never the token.
+    let mut db = auth.db().await;
+    let stored: Vec<Vec<u8>> = sqlx::query_scalar("select token_hash from refresh_tokens")
+        .fetch_all(&mut db)
+        .await
+        .expect("query");
+    assert_eq!(stored.len(), 1);
+    assert_ne!(stored[0], login.refresh_token.as_bytes());
+    let hash: String = sqlx::query_scalar("select password_hash from users")
+        .fetch_one(&mut db)
+        .await
+        .expect("query");
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{hash}"
+    );
+
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn registration_rules_and_duplicates() {
+    let auth = Auth::start(&[]).await;
+    let weak = auth
+        .client
+        .clone()
+        .register(pb::RegisterRequest {
+            email: "not-an-email".to_owned(),
+            password: "password1".to_owned(),
+            display_name: String::new(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(weak.code(), Code::InvalidArgument);
+    let violations = weak
+        .get_details_bad_request()
+        .expect("field violations")
+        .field_violations;
+    let mut fields: Vec<(String, String)> = violations
+        .into_iter()
+        .map(|v| (v.field, v.reason))
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            ("display_name".to_owned(), "REQUIRED".to_owned()),
+            ("email".to_owned(), "EMAIL_INVALID".to_owned()),
+            ("password".to_owned(), "PASSWORD_TOO_COMMON".to_owned()),
+        ]
+    );
+
+    let email = unique_email();
+    auth.register(&email).await;
+    let duplicate = auth
+        .client
+        .clone()
+        .register(pb::RegisterRequest {
+            email: format!("  {}  ", email.to_lowercase()),
+            password: PASSWORD.to_owned(),
+            display_name: "Eve".to_owned(),
+        })
+        .await
+        .expect_err("taken");
+    assert_eq!(duplicate.code(), Code::AlreadyExists);
+    assert_eq!(reason(&duplicate).as_deref(), Some("EMAIL_TAKEN"));
+
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_password_and_unknown_email_are_indistinguishable() {
+    let auth = Auth::start(&[]).await;
+    let email = unique_email();
+    auth.register(&email).await;
+
+    let wrong = auth
+        .login(&email, "not the password at all")
+        .await
+        .expect_err("refused");
+    let unknown = auth
+        .login(&unique_email(), PASSWORD)
+        .await
+        .expect_err("refused");
+    let malformed = auth.login("nobody", PASSWORD).await.expect_err("refused");
+    for status in [&wrong, &unknown, &malformed] {
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(status.message(), wrong.message());
+        assert_eq!(reason(status).as_deref(), Some("INVALID_CREDENTIALS"));
+    }
+
+    let mut db = auth.db().await;
+    let failures: i64 =
+        sqlx::query_scalar("select count(*) from audit_events where kind = 'login_failed'")
+            .fetch_one(&mut db)
+            .await
+            .expect("query");
+    assert_eq!(failures, 3, "every failure is audited");
+
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_refreshes_rotate_once_and_share_the_successor() {
+    let auth = Auth::start(&[]).await;
+    let email = unique_email();
+    auth.register(&email).await;
+    let login = auth.login(&email, PASSWORD).await.expect("login");
+
+    let calls = (0..20).map(|_| auth.refresh(&login.refresh_token));
+    let results = futures::future::join_all(calls).await;
+    let successors: Vec<String> = results
+        .into_iter()
+        .map(|r| {
+            r.expect("every duplicate within the grace window succeeds")
+                .refresh_token
+        })
+        .collect();
+    assert!(
+        successors.iter().all(|s| s == &successors[0]),
+        "one successor for all"
+    );
+    assert_ne!(successors[0], login.refresh_token);
+
+    let mut db = auth.db().await;
+    let (total, live): (i64, i64) = sqlx::query_as(
+        "select count(*), count(*) filter (where rotated_at is null) from refresh_tokens",
+    )
+    .fetch_one(&mut db)
+    .await
+    .expect("query");
+    assert_eq!((total, live), (2, 1), "exactly one rotation happened");
+
+    // The successor works, and rotates in turn.
+    let next = auth
+        .refresh(&successors[0])
+        .await
+        .expect("successor refreshes");
+    assert_ne!(next.refresh_token, successors[0]);
+
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn reuse_after_the_grace_window_revokes_the_whole_session() {
+    let auth = Auth::start(&[]).await;
+    let email = unique_email();
+    auth.register(&email).await;
+    let login = auth.login(&email, PASSWORD).await.expect("login");
+    let rotated = auth.refresh(&login.refresh_token).await.expect("rotate");
+
+    // The test harness sets a 2 s grace window.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let reuse = auth
+        .refresh(&login.refresh_token)
+        .await
+        .expect_err("reuse refused");
+    assert_eq!(reuse.code(), Code::Unauthenticated);
+    assert_eq!(reason(&reuse).as_deref(), Some("REFRESH_TOKEN_INVALID"));
+
+    // The thief's and the owner's tokens are dead alike.
+    assert!(auth.refresh(&rotated.refresh_token).await.is_err());
+    let denied = auth
+        .sessions(&rotated.access_token)
+        .await
+        .expect_err("session revoked");
+    assert_eq!(denied.code(), Code::Unauthenticated);
+
+    let mut db = auth.db().await;
+    let audited: i64 =
+        sqlx::query_scalar("select count(*) from audit_events where kind = 'refresh_token_reuse'")
+            .fetch_one(&mut db)
+            .await
+            .expect("query");
+    assert_eq!(audited, 1);
+
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn password_change_revokes_every_other_session() {
+    let auth = Auth::start(&[]).await;
+    let email = unique_email();
+    auth.register(&email).await;
+    let phone = auth.login(&email, PASSWORD).await.expect("login");
+    let tablet = auth.login(&email, PASSWORD).await.expect("login");
+    assert_eq!(
+        auth.sessions(&phone.access_token)
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
+
+    let wrong = auth
+        .client
+        .clone()
+        .change_password(bearer(
+            pb::ChangePasswordRequest {
+                current_password: "not my password".to_owned(),
+                new_password: "a brand new passphrase".to_owned(),
+            },
+            &phone.access_token,
+        ))
+        .await
+        .expect_err("wrong current password");
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    assert_eq!(reason(&wrong).as_deref(), Some("WRONG_PASSWORD"));
+
+    let changed = auth
+        .client
+        .clone()
+        .change_password(bearer(
+            pb::ChangePasswordRequest {
+                current_password: PASSWORD.to_owned(),
+                new_password: "a brand new passphrase".to_owned(),
+            },
+            &phone.access_token,
+        ))
+        .await
+        .expect("changed")
+        .into_inner();
+    assert_eq!(changed.revoked_session_count, 1);
+
+    assert!(
+        auth.refresh(&tablet.refresh_token).await.is_err(),
+        "other session ended"
+    );
+    assert!(auth.sessions(&tablet.access_token).await.is_err());
+    assert_eq!(
+        auth.sessions(&phone.access_token)
+            .await
+            .expect("still in")
+            .len(),
+        1
+    );
+    assert!(
+        auth.login(&email, PASSWORD).await.is_err(),
+        "old password gone"
+    );
+    auth.login(&email, "a brand new passphrase")
+        .await
+        .expect("new password works");
+
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn logout_revoke_and_logout_all() {
+    let auth = Auth::start(&[]).await;
+    let email = unique_email();
+    auth.register(&email).await;
+    let first = auth.login(&email, PASSWORD).await.expect("login");
+    let second = auth.login(&email, PASSWORD).await.expect("login");
+    let third = auth.login(&email, PASSWORD).await.expect("login");
+
+    // Logout ends this session only.
+    auth.client
+        .clone()
+        .logout(bearer(pb::LogoutRequest::default(), &first.access_token))
+        .await
+        .expect("logout");
+    assert!(auth.refresh(&first.refresh_token).await.is_err());
+    assert!(auth.sessions(&first.access_token).await.is_err());
+    assert_eq!(
+        auth.sessions(&second.access_token)
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
+
+    // Another user cannot end my session: it looks like a missing one.
+    let other = unique_email();
+    auth.register(&other).await;
+    let intruder = auth.login(&other, PASSWORD).await.expect("login");
+    let second_sid = auth
+        .sessions(&second.access_token)
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|s| s.current)
+        .expect("current")
+        .session_id;
+    let refused = auth
+        .client
+        .clone()
+        .revoke_session(bearer(
+            pb::RevokeSessionRequest {
+                session_id: second_sid.clone(),
+            },
+            &intruder.access_token,
+        ))
+        .await
+        .expect_err("not theirs");
+    assert_eq!(refused.code(), Code::NotFound);
+
+    // I can, from another device.
+    auth.client
+        .clone()
+        .revoke_session(bearer(
+            pb::RevokeSessionRequest {
+                session_id: second_sid,
+            },
+            &third.access_token,
+        ))
+        .await
+        .expect("revoked");
+    assert!(auth.refresh(&second.refresh_token).await.is_err());
+
+    let all = auth
+        .client
+        .clone()
+        .logout_all(bearer(pb::LogoutAllRequest {}, &third.access_token))
+        .await
+        .expect("logout all")
+        .into_inner();
+    assert_eq!(all.revoked_count, 1);
+    assert!(auth.refresh(&third.refresh_token).await.is_err());
+    // The intruder's own session is untouched.
+    assert!(auth.refresh(&intruder.refresh_token).await.is_ok());
+
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_hash_queue_refuses_logins_at_once() {
+    let auth = Auth::start(&[("HASH_WORKERS", "1"), ("HASH_QUEUE", "1")]).await;
+    let email = unique_email();
+    auth.register(&email).await;
+
+    let attempts = (0..8).map(|_| auth.login(&email, PASSWORD));
+    let results = futures::future::join_all(attempts).await;
+    let busy: Vec<&tonic::Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(!busy.is_empty(), "some logins must be refused");
+    for status in &busy {
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(reason(status).as_deref(), Some("HASH_POOL_BUSY"));
+        assert!(
+            status.get_details_retry_info().is_some(),
+            "carries a retry delay"
+        );
+    }
+    assert!(
+        results.iter().any(Result::is_ok),
+        "the queue still serves some"
+    );
+
+    auth.stop().await;
+}

@@ -7,6 +7,7 @@
     reason = "tests: fail loudly"
 )]
 
+mod auth;
 mod lifecycle;
 mod pools;
 mod stack;

@@ -20,6 +20,7 @@ const PASSWORD: &str = "correct horse battery staple";
 
 /// One auth service on its own database, plus a connection to that database.
 struct Auth {
+    config: auth::Config,
     running: Running,
     client: AuthServiceClient<Channel>,
     database_url: String,
@@ -30,10 +31,11 @@ impl Auth {
         let infra = Infra::from_env();
         let database = infra.create_database("auth").await;
         let config: auth::Config = service_config(service_vars(&infra, "AUTH", &database, extra));
+        let serving = config.clone();
         let running =
-            Running::start(move |listener, shutdown| config.serve(listener, shutdown)).await;
+            Running::start(move |listener, shutdown| serving.serve(listener, shutdown)).await;
         let channel = running.channel().await;
-        let mut health = HealthClient::new(channel.clone());
+        let health = HealthClient::new(channel.clone());
         eventually(Duration::from_secs(30), "auth SERVING", || {
             let mut health = health.clone();
             async move {
@@ -49,8 +51,8 @@ impl Auth {
             }
         })
         .await;
-        let _ = &mut health;
         Self {
+            config,
             running,
             client: AuthServiceClient::new(channel),
             database_url: infra.url_for(&database),
@@ -530,6 +532,184 @@ async fn a_full_hash_queue_refuses_logins_at_once() {
         results.iter().any(Result::is_ok),
         "the queue still serves some"
     );
+
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn roles_are_admin_only_and_the_first_admin_comes_from_the_cli() {
+    let auth = Auth::start(&[]).await;
+    let (admin_email, user_email) = (unique_email(), unique_email());
+    let admin_id = auth.register(&admin_email).await;
+    let user_id = auth.register(&user_email).await;
+    let user = auth.login(&user_email, PASSWORD).await.expect("login");
+
+    // Nobody is admin yet: the user is refused.
+    let denied = auth
+        .client
+        .clone()
+        .list_roles(bearer(pb::ListRolesRequest::default(), &user.access_token))
+        .await
+        .expect_err("not an admin");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied = auth
+        .client
+        .clone()
+        .assign_role(bearer(
+            pb::AssignRoleRequest { user_id: user_id.clone(), role: "admin".to_owned() },
+            &user.access_token,
+        ))
+        .await
+        .expect_err("cannot make itself admin");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    // `auth grant-role EMAIL admin` makes the first admin.
+    auth::grant_role(&auth.config, &admin_email, "admin").await.expect("grant-role");
+    let admin = auth.login(&admin_email, PASSWORD).await.expect("login");
+    let roles = auth
+        .client
+        .clone()
+        .list_roles(bearer(pb::ListRolesRequest::default(), &admin.access_token))
+        .await
+        .expect("admin lists roles")
+        .into_inner()
+        .roles;
+    let admin_role = roles.iter().find(|r| r.name == "admin").expect("admin role exists");
+    assert!(admin_role.permissions.iter().any(|p| p == "roles:manage"));
+
+    let assign = |role: &str| {
+        let mut client = auth.client.clone();
+        let request = bearer(
+            pb::AssignRoleRequest { user_id: user_id.clone(), role: role.to_owned() },
+            &admin.access_token,
+        );
+        async move { client.assign_role(request).await }
+    };
+    assign("admin").await.expect("assigned");
+    assign("admin").await.expect("assigning a held role is fine (PUT)");
+    let missing = assign("no-such-role").await.expect_err("unknown role");
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let held = auth
+        .client
+        .clone()
+        .get_user_roles(bearer(pb::GetUserRolesRequest { user_id: user_id.clone() }, &user.access_token))
+        .await
+        .expect("a user reads its own roles")
+        .into_inner();
+    assert_eq!(held.roles, ["admin"]);
+    assert!(held.permissions.contains(&"roles:manage".to_owned()));
+
+    auth.client
+        .clone()
+        .revoke_role(bearer(
+            pb::RevokeRoleRequest { user_id: user_id.clone(), role: "admin".to_owned() },
+            &admin.access_token,
+        ))
+        .await
+        .expect("revoked");
+    // Admin checks read the database: the old token's claim no longer opens the door.
+    let denied = auth
+        .client
+        .clone()
+        .list_roles(bearer(pb::ListRolesRequest::default(), &user.access_token))
+        .await
+        .expect_err("no longer admin");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    // Users: self yes, others look missing, admins see anyone.
+    let mut client = auth.client.clone();
+    let own = client
+        .get_user(bearer(pb::GetUserRequest { user_id: user_id.clone() }, &user.access_token))
+        .await
+        .expect("self")
+        .into_inner()
+        .user
+        .expect("user");
+    assert_eq!(own.email, user_email.to_lowercase());
+    assert_eq!(own.display_name, "Ada");
+    let hidden = client
+        .get_user(bearer(pb::GetUserRequest { user_id: admin_id.clone() }, &user.access_token))
+        .await
+        .expect_err("another user's account");
+    assert_eq!(hidden.code(), Code::NotFound);
+    client
+        .get_user(bearer(pb::GetUserRequest { user_id: user_id.clone() }, &admin.access_token))
+        .await
+        .expect("admin reads anyone");
+
+    let mut db = auth.db().await;
+    let audited: i64 = sqlx::query_scalar(
+        "select count(*) from audit_events where kind in ('role_assigned', 'role_revoked')",
+    )
+    .fetch_one(&mut db)
+    .await
+    .expect("query");
+    assert_eq!(audited, 3, "the CLI grant, the assignment and the revocation; not the no-op");
+
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn bulk_assignment_is_all_or_nothing() {
+    let auth = Auth::start(&[]).await;
+    let admin_email = unique_email();
+    auth.register(&admin_email).await;
+    auth::grant_role(&auth.config, &admin_email, "admin").await.expect("grant-role");
+    let admin = auth.login(&admin_email, PASSWORD).await.expect("login");
+
+    let mut users = Vec::new();
+    for _ in 0..5 {
+        users.push(auth.register(&unique_email()).await);
+    }
+    let pairs = |ids: &[String], role: &str| pb::BulkAssignRolesRequest {
+        assignments: ids
+            .iter()
+            .map(|id| pb::RoleAssignment { user_id: id.clone(), role: role.to_owned() })
+            .collect(),
+    };
+
+    // One unknown user spoils the batch: nothing is written, the item is named.
+    let mut with_unknown = pairs(&users, "admin");
+    with_unknown.assignments[3].user_id = uuid::Uuid::now_v7().to_string();
+    let refused = auth
+        .client
+        .clone()
+        .bulk_assign_roles(bearer(with_unknown, &admin.access_token))
+        .await
+        .expect_err("unknown user");
+    assert_eq!(refused.code(), Code::NotFound);
+    let fields: Vec<String> = refused
+        .get_details_bad_request()
+        .expect("violations")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["assignments[3]"]);
+    let mut db = auth.db().await;
+    let held: i64 = sqlx::query_scalar("select count(*) from user_roles")
+        .fetch_one(&mut db)
+        .await
+        .expect("query");
+    assert_eq!(held, 1, "only the admin: the failed batch wrote nothing");
+
+    let done = auth
+        .client
+        .clone()
+        .bulk_assign_roles(bearer(pairs(&users[..3], "admin"), &admin.access_token))
+        .await
+        .expect("assigned")
+        .into_inner();
+    assert_eq!((done.assigned_count, done.unchanged_count), (3, 0));
+    let again = auth
+        .client
+        .clone()
+        .bulk_assign_roles(bearer(pairs(&users, "admin"), &admin.access_token))
+        .await
+        .expect("assigned")
+        .into_inner();
+    assert_eq!((again.assigned_count, again.unchanged_count), (2, 3));
 
     auth.stop().await;
 }

@@ -187,6 +187,19 @@ impl GrpcService for Config {
     async fn serve(self, listener: TcpListener, shutdown: ShutdownSignal) -> anyhow::Result<()> {
         crate::serve(self, listener, shutdown).await
     }
+
+    const COMMANDS_USAGE: &'static str =
+        "       auth grant-role EMAIL ROLE   give an account a role (the first admin, say) and exit\n";
+
+    fn command(self, args: &[String]) -> Option<impl Future<Output = anyhow::Result<()>> + Send> {
+        match args {
+            [name, email, role] if name == "grant-role" => {
+                let (email, role) = (email.clone(), role.clone());
+                Some(async move { crate::grant_role(&self, &email, &role).await })
+            }
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

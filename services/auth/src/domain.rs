@@ -6,16 +6,17 @@ use std::{collections::HashSet, fmt, sync::LazyLock};
 /// Why one request field was refused; becomes a `google.rpc.BadRequest` field violation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
-    pub field: &'static str,
+    /// The request field path, e.g. `password` or `assignments[3].user_id`.
+    pub field: String,
     /// Stable machine code, e.g. `PASSWORD_TOO_SHORT`.
     pub code: &'static str,
     pub message: String,
 }
 
 impl FieldViolation {
-    fn new(field: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
         Self {
-            field,
+            field: field.into(),
             code,
             message: message.into(),
         }

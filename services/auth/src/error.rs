@@ -30,6 +30,15 @@ pub enum AuthError {
     Unauthenticated,
     #[error("session not found")]
     SessionNotFound,
+    #[error("user not found")]
+    UserNotFound,
+    #[error("role not found")]
+    RoleNotFound,
+    /// Bulk requests: which items name something unknown.
+    #[error("unknown users or roles")]
+    UnknownItems(Vec<FieldViolation>),
+    #[error("permission denied")]
+    Forbidden,
     #[error("wrong current password")]
     WrongPassword,
     #[error("password-hash queue full")]
@@ -60,6 +69,17 @@ impl From<FieldViolation> for AuthError {
 /// How long a client should wait after HASH_POOL_BUSY: about one queue's worth of hashes.
 const HASH_POOL_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+fn field_violations(violations: Vec<FieldViolation>) -> Vec<PbFieldViolation> {
+    violations
+        .into_iter()
+        .map(|v| {
+            let mut violation = PbFieldViolation::new(v.field, v.message);
+            violation.reason = v.code.to_owned();
+            violation
+        })
+        .collect()
+}
+
 fn coded(code: Code, message: &str, reason: &str) -> Status {
     Status::with_error_details(
         code,
@@ -72,15 +92,7 @@ impl From<AuthError> for Status {
     fn from(error: AuthError) -> Self {
         match error {
             AuthError::Invalid(violations) => {
-                let violations: Vec<PbFieldViolation> = violations
-                    .into_iter()
-                    .map(|v| {
-                        let mut violation = PbFieldViolation::new(v.field, v.message);
-                        violation.reason = v.code.to_owned();
-                        violation
-                    })
-                    .collect();
-                let mut details = ErrorDetails::with_bad_request(violations);
+                let mut details = ErrorDetails::with_bad_request(field_violations(violations));
                 details.set_error_info("VALIDATION_FAILED", DOMAIN, HashMap::new());
                 Status::with_error_details(Code::InvalidArgument, "invalid request", details)
             }
@@ -112,6 +124,18 @@ impl From<AuthError> for Status {
             AuthError::SessionNotFound => {
                 coded(Code::NotFound, "session not found", "SESSION_NOT_FOUND")
             }
+            AuthError::UserNotFound => coded(Code::NotFound, "user not found", "USER_NOT_FOUND"),
+            AuthError::RoleNotFound => coded(Code::NotFound, "role not found", "ROLE_NOT_FOUND"),
+            AuthError::UnknownItems(violations) => {
+                let mut details = ErrorDetails::with_bad_request(field_violations(violations));
+                details.set_error_info("NOT_FOUND", DOMAIN, HashMap::new());
+                Status::with_error_details(Code::NotFound, "unknown users or roles", details)
+            }
+            AuthError::Forbidden => coded(
+                Code::PermissionDenied,
+                "this requires the admin role",
+                "FORBIDDEN",
+            ),
             AuthError::WrongPassword => {
                 let mut violation =
                     PbFieldViolation::new("current_password", "the current password is wrong");
@@ -155,11 +179,11 @@ mod tests {
 
     #[test]
     fn field_violations_name_the_field_and_its_code() {
-        let status = Status::from(AuthError::Invalid(vec![FieldViolation {
-            field: "password",
-            code: "PASSWORD_TOO_SHORT",
-            message: "at least 8 characters".to_owned(),
-        }]));
+        let status = Status::from(AuthError::Invalid(vec![FieldViolation::new(
+            "password",
+            "PASSWORD_TOO_SHORT",
+            "at least 8 characters",
+        )]));
         assert_eq!(status.code(), Code::InvalidArgument);
         let violations = status
             .get_details_bad_request()

@@ -14,7 +14,7 @@ use crate::{
     domain::{DisplayName, Email, FieldViolation, Password, label},
     error::AuthError,
     password::{PasswordHasher, VerifyOutcome},
-    store::{ClientInfo, RevokeOutcome, Store},
+    store::{BulkOutcome, ClientInfo, RevokeOutcome, RoleChange, Store},
     tokens::{RefreshTokens, TokenIssuer},
 };
 
@@ -66,6 +66,10 @@ const DEVICE_NAME_MAX: usize = 100;
 const USER_AGENT_MAX: usize = 256;
 const SESSIONS_PAGE_DEFAULT: i64 = 50;
 const SESSIONS_PAGE_MAX: i64 = 100;
+const BULK_ASSIGN_MAX: usize = 1000;
+const BATCH_GET_USERS_MAX: usize = 100;
+/// The role that administers users and roles.
+pub const ADMIN_ROLE: &str = "admin";
 
 impl Inner {
     fn idle_seconds(&self) -> f64 {
@@ -331,12 +335,7 @@ impl Inner {
         let limit = match body.page_size {
             0 => SESSIONS_PAGE_DEFAULT,
             n if n < 0 => {
-                return Err(FieldViolation {
-                    field: "page_size",
-                    code: "OUT_OF_RANGE",
-                    message: "must not be negative".to_owned(),
-                }
-                .into());
+                return Err(FieldViolation::new("page_size", "OUT_OF_RANGE", "must not be negative").into());
             }
             n => i64::from(n).min(SESSIONS_PAGE_MAX),
         };
@@ -382,12 +381,7 @@ impl Inner {
         request: Request<pb::RevokeSessionRequest>,
     ) -> Result<(), AuthError> {
         let caller = self.caller(&request).await?;
-        let session_id =
-            Uuid::parse_str(&request.get_ref().session_id).map_err(|_| FieldViolation {
-                field: "session_id",
-                code: "INVALID_ID",
-                message: "not a UUID".to_owned(),
-            })?;
+        let session_id = parse_id("session_id", &request.get_ref().session_id)?;
         match self
             .store
             .revoke_session(caller.user_id, session_id, "revoked_by_user")
@@ -426,6 +420,151 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// A signed-in caller who holds `admin` now (read from the database, not the token).
+    async fn admin<T>(&self, request: &Request<T>) -> Result<Caller, AuthError> {
+        let caller = self.caller(request).await?;
+        if self.store.has_role(caller.user_id, ADMIN_ROLE).await? {
+            Ok(caller)
+        } else {
+            Err(AuthError::Forbidden)
+        }
+    }
+
+    /// The caller, allowed to read `user_id`'s data: themself, or an admin. Anyone else
+    /// gets NOT_FOUND, as if the user did not exist.
+    async fn reader_of<T>(&self, request: &Request<T>, user_id: Uuid) -> Result<(), AuthError> {
+        let caller = self.caller(request).await?;
+        if caller.user_id == user_id || self.store.has_role(caller.user_id, ADMIN_ROLE).await? {
+            Ok(())
+        } else {
+            Err(AuthError::UserNotFound)
+        }
+    }
+
+    async fn get_user_roles(
+        &self,
+        request: Request<pb::GetUserRolesRequest>,
+    ) -> Result<pb::GetUserRolesResponse, AuthError> {
+        let user_id = parse_id("user_id", &request.get_ref().user_id)?;
+        self.reader_of(&request, user_id).await?;
+        let row = self.store.user_roles(user_id).await?.ok_or(AuthError::UserNotFound)?;
+        Ok(pb::GetUserRolesResponse {
+            user_id: user_id.to_string(),
+            roles: row.roles,
+            permissions: row.permissions,
+        })
+    }
+
+    async fn list_roles(
+        &self,
+        request: Request<pb::ListRolesRequest>,
+    ) -> Result<pb::ListRolesResponse, AuthError> {
+        self.admin(&request).await?;
+        // Roles are few (a handful per deployment): one page holds them all.
+        let roles = self
+            .store
+            .roles()
+            .await?
+            .into_iter()
+            .map(|r| pb::Role {
+                name: r.name,
+                description: r.description,
+                permissions: r.permissions,
+                created_at: Some(timestamp(r.created_at)),
+            })
+            .collect();
+        Ok(pb::ListRolesResponse {
+            roles,
+            next_page_token: String::new(),
+        })
+    }
+
+    async fn set_role(&self, user_id: &str, role: &str, grant: bool, actor: Uuid) -> Result<(), AuthError> {
+        let user_id = parse_id("user_id", user_id)?;
+        match self.store.set_role(user_id, role, grant, Some(actor)).await? {
+            RoleChange::Changed | RoleChange::Unchanged => Ok(()),
+            RoleChange::UserNotFound => Err(AuthError::UserNotFound),
+            RoleChange::RoleNotFound => Err(AuthError::RoleNotFound),
+        }
+    }
+
+    async fn bulk_assign_roles(
+        &self,
+        request: Request<pb::BulkAssignRolesRequest>,
+    ) -> Result<pb::BulkAssignRolesResponse, AuthError> {
+        let caller = self.admin(&request).await?;
+        let assignments = request.into_inner().assignments;
+        if assignments.len() > BULK_ASSIGN_MAX {
+            return Err(FieldViolation::new(
+                "assignments",
+                "TOO_MANY",
+                format!("at most {BULK_ASSIGN_MAX} pairs per request"),
+            )
+            .into());
+        }
+        let mut violations = Vec::new();
+        let mut user_ids = Vec::with_capacity(assignments.len());
+        let mut roles = Vec::with_capacity(assignments.len());
+        for (i, pair) in assignments.into_iter().enumerate() {
+            match parse_id(format!("assignments[{i}].user_id"), &pair.user_id) {
+                Ok(id) => user_ids.push(id),
+                Err(v) => violations.push(v),
+            }
+            roles.push(pair.role);
+        }
+        if !violations.is_empty() {
+            return Err(AuthError::Invalid(violations));
+        }
+        let requested = user_ids.len();
+        match self.store.bulk_assign(&user_ids, &roles, Some(caller.user_id)).await? {
+            BulkOutcome::Assigned(assigned) => {
+                let assigned = usize::try_from(assigned).unwrap_or(requested);
+                Ok(pb::BulkAssignRolesResponse {
+                    assigned_count: i32::try_from(assigned).unwrap_or(i32::MAX),
+                    unchanged_count: i32::try_from(requested.saturating_sub(assigned))
+                        .unwrap_or(i32::MAX),
+                })
+            }
+            BulkOutcome::Unknown(indexes) => Err(AuthError::UnknownItems(
+                indexes
+                    .into_iter()
+                    .map(|i| {
+                        FieldViolation::new(
+                            format!("assignments[{i}]"),
+                            "NOT_FOUND",
+                            "unknown user or role",
+                        )
+                    })
+                    .collect(),
+            )),
+        }
+    }
+
+    async fn users(&self, ids: &[Uuid]) -> Result<Vec<pb::User>, AuthError> {
+        Ok(self
+            .store
+            .users(ids)
+            .await?
+            .into_iter()
+            .map(|u| pb::User {
+                user_id: u.id.to_string(),
+                email: u.email,
+                display_name: u.display_name,
+                status: match u.status.as_str() {
+                    "active" => pb::UserStatus::Active,
+                    "disabled" => pb::UserStatus::Disabled,
+                    _ => pb::UserStatus::Unspecified,
+                }
+                .into(),
+                roles: u.roles,
+                created_at: Some(timestamp(u.created_at)),
+                updated_at: Some(timestamp(u.updated_at)),
+            })
+            .collect())
+    }
+}
+
 fn collect<T>(
     result: Result<T, FieldViolation>,
     violations: &mut Vec<FieldViolation>,
@@ -435,6 +574,11 @@ fn collect<T>(
 
 fn parse_uuid(text: &str) -> Option<Uuid> {
     Uuid::parse_str(text).ok()
+}
+
+/// A UUID request field, or a violation naming it.
+fn parse_id(field: impl Into<String>, text: &str) -> Result<Uuid, FieldViolation> {
+    Uuid::parse_str(text).map_err(|_| FieldViolation::new(field, "INVALID_ID", "not a UUID"))
 }
 
 fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
@@ -450,11 +594,7 @@ fn encode_page_token(last_used_at: DateTime<Utc>, id: Uuid) -> String {
 }
 
 fn decode_page_token(token: &str) -> Result<(DateTime<Utc>, Uuid), AuthError> {
-    let invalid = || FieldViolation {
-        field: "page_token",
-        code: "INVALID_PAGE_TOKEN",
-        message: "not a page token from this list".to_owned(),
-    };
+    let invalid = || FieldViolation::new("page_token", "INVALID_PAGE_TOKEN", "not a page token from this list");
     let text = URL_SAFE_NO_PAD
         .decode(token)
         .ok()
@@ -603,6 +743,107 @@ impl AuthService for AuthApi {
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         finish("ChangePassword", self.inner.change_password(request).await)
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let result = async {
+            let user_id = parse_id("user_id", &request.get_ref().user_id)?;
+            self.inner.reader_of(&request, user_id).await?;
+            let user = self.inner.users(&[user_id]).await?.into_iter().next();
+            Ok(pb::GetUserResponse {
+                user: Some(user.ok_or(AuthError::UserNotFound)?),
+            })
+        }
+        .await;
+        finish("GetUser", result)
+    }
+
+    async fn batch_get_users(
+        &self,
+        request: Request<pb::BatchGetUsersRequest>,
+    ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
+        let result = async {
+            // Internal callers get service tokens with the identity issue; until then admins.
+            self.inner.admin(&request).await?;
+            let raw = &request.get_ref().user_ids;
+            if raw.len() > BATCH_GET_USERS_MAX {
+                return Err(FieldViolation::new(
+                    "user_ids",
+                    "TOO_MANY",
+                    format!("at most {BATCH_GET_USERS_MAX} ids"),
+                )
+                .into());
+            }
+            let mut ids = Vec::with_capacity(raw.len());
+            for (i, id) in raw.iter().enumerate() {
+                let id = parse_id(format!("user_ids[{i}]"), id)?;
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            let mut users = self.inner.users(&ids).await?;
+            // Request order, as the contract promises.
+            users.sort_by_key(|u| raw.iter().position(|id| *id == u.user_id));
+            Ok(pb::BatchGetUsersResponse { users })
+        }
+        .await;
+        finish("BatchGetUsers", result)
+    }
+
+    async fn get_user_roles(
+        &self,
+        request: Request<pb::GetUserRolesRequest>,
+    ) -> Result<Response<pb::GetUserRolesResponse>, Status> {
+        finish("GetUserRoles", self.inner.get_user_roles(request).await)
+    }
+
+    async fn list_roles(
+        &self,
+        request: Request<pb::ListRolesRequest>,
+    ) -> Result<Response<pb::ListRolesResponse>, Status> {
+        finish("ListRoles", self.inner.list_roles(request).await)
+    }
+
+    async fn assign_role(
+        &self,
+        request: Request<pb::AssignRoleRequest>,
+    ) -> Result<Response<pb::AssignRoleResponse>, Status> {
+        let result = async {
+            let caller = self.inner.admin(&request).await?;
+            let body = request.get_ref();
+            self.inner
+                .set_role(&body.user_id, &body.role, true, caller.user_id)
+                .await
+                .map(|()| pb::AssignRoleResponse {})
+        }
+        .await;
+        finish("AssignRole", result)
+    }
+
+    async fn revoke_role(
+        &self,
+        request: Request<pb::RevokeRoleRequest>,
+    ) -> Result<Response<pb::RevokeRoleResponse>, Status> {
+        let result = async {
+            let caller = self.inner.admin(&request).await?;
+            let body = request.get_ref();
+            self.inner
+                .set_role(&body.user_id, &body.role, false, caller.user_id)
+                .await
+                .map(|()| pb::RevokeRoleResponse {})
+        }
+        .await;
+        finish("RevokeRole", result)
+    }
+
+    async fn bulk_assign_roles(
+        &self,
+        request: Request<pb::BulkAssignRolesRequest>,
+    ) -> Result<Response<pb::BulkAssignRolesResponse>, Status> {
+        finish("BulkAssignRoles", self.inner.bulk_assign_roles(request).await)
     }
 
     async fn get_jwks(

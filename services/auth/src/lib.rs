@@ -74,3 +74,26 @@ pub async fn serve(
     )
     .await
 }
+
+/// `auth grant-role EMAIL ROLE`: applies migrations, then gives the account the role. How
+/// the first admin is made; later admins are made over the API by an admin.
+pub async fn grant_role(config: &Config, email: &str, role: &str) -> anyhow::Result<()> {
+    platform::service::migrate_once(&SPEC, &config.service).await?;
+    let db = platform::postgres::lazy_pool(&config.service.postgres, "auth-grant-role")?;
+    let store = store::Store::new(db.clone());
+    let email = domain::Email::parse("email", email)
+        .map_err(|v| anyhow::anyhow!("{}: {}", v.field, v.message))?;
+    let user_id = store
+        .user_id_by_email(email.as_str())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no account with the email {}", email.as_str()))?;
+    let outcome = store.set_role(user_id, role, true, None).await?;
+    db.close().await;
+    match outcome {
+        store::RoleChange::Changed => tracing::info!(%user_id, role, "role granted"),
+        store::RoleChange::Unchanged => tracing::info!(%user_id, role, "role already held"),
+        store::RoleChange::UserNotFound => anyhow::bail!("no account with that id"),
+        store::RoleChange::RoleNotFound => anyhow::bail!("no role named {role}"),
+    }
+    Ok(())
+}

@@ -466,4 +466,214 @@ impl Store {
         .await?;
         Ok(u64::try_from(revoked).unwrap_or_default())
     }
+
+    /// Whether the user holds `role` now (admin checks read the database, not the token, so
+    /// a revoked admin cannot act for the rest of a token's lifetime).
+    pub async fn has_role(&self, user_id: Uuid, role: &str) -> Result<bool, sqlx::Error> {
+        let held = sqlx::query_scalar!(
+            r#"select exists (select 1 from user_roles where user_id = $1 and role_name = $2) as "held!""#,
+            user_id,
+            role,
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(held)
+    }
+
+    /// Every role with its permissions, by name.
+    pub async fn roles(&self) -> Result<Vec<RoleRow>, sqlx::Error> {
+        sqlx::query_as!(
+            RoleRow,
+            r#"
+            select r.name, r.description, r.created_at,
+                   coalesce(array_agg(p.permission_name order by p.permission_name)
+                            filter (where p.permission_name is not null), '{}') as "permissions!"
+            from roles r
+            left join role_permissions p on p.role_name = r.name
+            group by r.name
+            order by r.name
+            "#
+        )
+        .fetch_all(&self.db)
+        .await
+    }
+
+    /// A user's roles and the union of their permissions; `None` for an unknown user.
+    pub async fn user_roles(&self, user_id: Uuid) -> Result<Option<UserRolesRow>, sqlx::Error> {
+        sqlx::query_as!(
+            UserRolesRow,
+            r#"
+            select array(select role_name from user_roles where user_id = u.id order by role_name)
+                       as "roles!",
+                   array(select distinct p.permission_name
+                         from user_roles r join role_permissions p on p.role_name = r.role_name
+                         where r.user_id = u.id order by 1) as "permissions!"
+            from users u where u.id = $1
+            "#,
+            user_id,
+        )
+        .fetch_optional(&self.db)
+        .await
+    }
+
+    /// Gives or takes a role, auditing real changes. Distinguishes an unknown user or role.
+    pub async fn set_role(
+        &self,
+        user_id: Uuid,
+        role: &str,
+        grant: bool,
+        actor: Option<Uuid>,
+    ) -> Result<RoleChange, sqlx::Error> {
+        let row = sqlx::query!(
+            r#"
+            with target as (
+                select (select exists (select 1 from users where id = $1)) as user_found,
+                       (select exists (select 1 from roles where name = $2)) as role_found
+            ), granted as (
+                insert into user_roles (user_id, role_name)
+                select $1, $2 from target where $3 and user_found and role_found
+                on conflict do nothing
+                returning user_id
+            ), revoked as (
+                delete from user_roles
+                where not $3 and user_id = $1 and role_name = $2
+                returning user_id
+            ), audited as (
+                insert into audit_events (kind, user_id, detail)
+                select case when $3 then 'role_assigned' else 'role_revoked' end, $1,
+                       jsonb_build_object('role', $2::text, 'actor', $4::uuid)
+                where exists (select 1 from granted) or exists (select 1 from revoked)
+            )
+            select user_found as "user_found!", role_found as "role_found!",
+                   (exists (select 1 from granted) or exists (select 1 from revoked)) as "changed!"
+            from target
+            "#,
+            user_id,
+            role,
+            grant,
+            actor,
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(match (row.user_found, row.role_found, row.changed) {
+            (false, _, _) => RoleChange::UserNotFound,
+            (_, false, _) => RoleChange::RoleNotFound,
+            (true, true, true) => RoleChange::Changed,
+            (true, true, false) => RoleChange::Unchanged,
+        })
+    }
+
+    /// Assigns many (user, role) pairs in one transaction, all or nothing. Returns the
+    /// indexes of pairs naming an unknown user or role (then nothing is written), else how
+    /// many were new.
+    pub async fn bulk_assign(
+        &self,
+        user_ids: &[Uuid],
+        roles: &[String],
+        actor: Option<Uuid>,
+    ) -> Result<BulkOutcome, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let unknown = sqlx::query_scalar!(
+            r#"
+            select (pair.ordinality - 1)::int as "index!"
+            from unnest($1::uuid[], $2::text[]) with ordinality as pair(user_id, role_name, ordinality)
+            where not exists (select 1 from users u where u.id = pair.user_id)
+               or not exists (select 1 from roles r where r.name = pair.role_name)
+            order by 1
+            "#,
+            user_ids,
+            roles,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        if !unknown.is_empty() {
+            return Ok(BulkOutcome::Unknown(unknown));
+        }
+        let assigned = sqlx::query_scalar!(
+            r#"
+            with granted as (
+                insert into user_roles (user_id, role_name)
+                select distinct * from unnest($1::uuid[], $2::text[])
+                on conflict do nothing
+                returning user_id, role_name
+            ), audited as (
+                insert into audit_events (kind, user_id, detail)
+                select 'role_assigned', user_id,
+                       jsonb_build_object('role', role_name, 'actor', $3::uuid, 'bulk', true)
+                from granted
+            )
+            select count(*) as "assigned!" from granted
+            "#,
+            user_ids,
+            roles,
+            actor,
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(BulkOutcome::Assigned(u64::try_from(assigned).unwrap_or_default()))
+    }
+
+    /// The id of the account with this email (for the `grant-role` command).
+    pub async fn user_id_by_email(&self, email: &str) -> Result<Option<Uuid>, sqlx::Error> {
+        sqlx::query_scalar!("select id from users where lower(email) = lower($1)", email)
+            .fetch_optional(&self.db)
+            .await
+    }
+
+    /// Accounts by id, in no particular order; unknown ids are skipped.
+    pub async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserRow>, sqlx::Error> {
+        sqlx::query_as!(
+            UserRow,
+            r#"
+            select u.id, u.email, u.display_name, u.status, u.created_at, u.updated_at,
+                   array(select role_name from user_roles r where r.user_id = u.id order by role_name)
+                       as "roles!"
+            from users u where u.id = any($1)
+            "#,
+            ids,
+        )
+        .fetch_all(&self.db)
+        .await
+    }
+}
+
+#[derive(Debug)]
+pub struct RoleRow {
+    pub name: String,
+    pub description: String,
+    pub created_at: DateTime<Utc>,
+    pub permissions: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct UserRolesRow {
+    pub roles: Vec<String>,
+    pub permissions: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct UserRow {
+    pub id: Uuid,
+    pub email: String,
+    pub display_name: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RoleChange {
+    Changed,
+    Unchanged,
+    UserNotFound,
+    RoleNotFound,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum BulkOutcome {
+    Assigned(u64),
+    /// Zero-based indexes of the pairs naming an unknown user or role.
+    Unknown(Vec<i32>),
 }

@@ -19,7 +19,7 @@ use crate::{
 pub type ShutdownSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// What a binary tells the shared `main` about itself. Implemented by its config type.
-pub trait Binary: Sized {
+pub trait Binary: Sized + 'static {
     const NAME: &'static str;
     const ENV_PREFIX: &'static str;
 
@@ -38,20 +38,32 @@ pub trait Binary: Sized {
 
     /// The `migrate` subcommand; `None` for a binary that owns no database.
     fn migrate(self) -> Option<impl Future<Output = anyhow::Result<()>> + Send>;
+
+    /// Subcommands of the binary's own (`args` as given, the name first); `None` when
+    /// `args` names none of them.
+    fn command(self, args: &[String]) -> Option<impl Future<Output = anyhow::Result<()>> + Send> {
+        let _ = args;
+        None::<std::future::Ready<anyhow::Result<()>>>
+    }
+
+    /// Usage lines for [`Binary::command`]'s subcommands.
+    const COMMANDS_USAGE: &'static str = "";
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Command {
     Serve,
     Migrate,
+    /// One of the binary's own subcommands, or nothing it knows.
+    Other,
 }
 
-fn parse_command(args: &[String]) -> Result<Command, String> {
+fn parse_command(args: &[String]) -> Command {
     match args {
-        [] => Ok(Command::Serve),
-        [one] if one == "serve" => Ok(Command::Serve),
-        [one] if one == "migrate" => Ok(Command::Migrate),
-        other => Err(format!("unknown arguments {other:?}")),
+        [] => Command::Serve,
+        [one] if one == "serve" => Command::Serve,
+        [one] if one == "migrate" => Command::Migrate,
+        _ => Command::Other,
     }
 }
 
@@ -64,19 +76,14 @@ pub fn main<B: Binary>() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if matches!(args.as_slice(), [one] if one == "--help" || one == "-h" || one == "help") {
         eprintln!(
-            "usage: {name} [serve]   serve until SIGTERM/SIGINT\n       {name} migrate   apply migrations and exit\n\nSettings come from {prefix}_* environment variables (see the README).",
+            "usage: {name} [serve]   serve until SIGTERM/SIGINT\n       {name} migrate   apply migrations and exit\n{extra}\nSettings come from {prefix}_* environment variables (see the README).",
             name = B::NAME,
-            prefix = B::ENV_PREFIX
+            prefix = B::ENV_PREFIX,
+            extra = B::COMMANDS_USAGE,
         );
         return ExitCode::SUCCESS;
     }
-    let command = match parse_command(&args) {
-        Ok(command) => command,
-        Err(e) => {
-            eprintln!("{}: {e}; try `{} --help`", B::NAME, B::NAME);
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
+    let command = parse_command(&args);
     let env = Env::from_process(B::ENV_PREFIX);
     let config = B::from_env(&env);
     if let Err(e) = env.finish() {
@@ -89,9 +96,20 @@ pub fn main<B: Binary>() -> ExitCode {
     let job = match command {
         Command::Serve => Job::Serve(config),
         Command::Migrate => match config.migrate() {
-            Some(migrate) => Job::Migrate(migrate),
+            Some(migrate) => Job::Run(Box::pin(migrate)),
             None => {
                 eprintln!("{}: owns no database, so has no `migrate`", B::NAME);
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        Command::Other => match config.command(&args) {
+            Some(command) => Job::Run(Box::pin(command)),
+            None => {
+                eprintln!(
+                    "{}: unknown arguments {args:?}; try `{} --help`",
+                    B::NAME,
+                    B::NAME
+                );
                 return ExitCode::from(EXIT_USAGE);
             }
         },
@@ -111,7 +129,7 @@ pub fn main<B: Binary>() -> ExitCode {
         let _telemetry = telemetry::init(&telemetry)?;
         let result = match job {
             Job::Serve(config) => serve(config, listen_addr).await,
-            Job::Migrate(migrate) => migrate.await,
+            Job::Run(job) => job.await,
         };
         result.inspect_err(|e| tracing::error!(error = format!("{e:#}"), "exiting on error"))
     });
@@ -124,9 +142,10 @@ pub fn main<B: Binary>() -> ExitCode {
     }
 }
 
-enum Job<B, M> {
+/// What `main` runs once the runtime is up: the server, or a command that ends.
+enum Job<'a, B> {
     Serve(B),
-    Migrate(M),
+    Run(Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>),
 }
 
 async fn serve<B: Binary>(config: B, addr: SocketAddr) -> anyhow::Result<()> {
@@ -144,10 +163,12 @@ mod tests {
     #[test]
     fn parses_subcommands() {
         let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        assert_eq!(parse_command(&args(&[])), Ok(Command::Serve));
-        assert_eq!(parse_command(&args(&["serve"])), Ok(Command::Serve));
-        assert_eq!(parse_command(&args(&["migrate"])), Ok(Command::Migrate));
-        assert!(parse_command(&args(&["migrate", "now"])).is_err());
-        assert!(parse_command(&args(&["serv"])).is_err());
+        assert_eq!(parse_command(&args(&[])), Command::Serve);
+        assert_eq!(parse_command(&args(&["serve"])), Command::Serve);
+        assert_eq!(parse_command(&args(&["migrate"])), Command::Migrate);
+        assert_eq!(
+            parse_command(&args(&["grant-role", "a@b.c", "admin"])),
+            Command::Other
+        );
     }
 }

@@ -334,3 +334,18 @@ impl<S: GrpcService> crate::cli::Binary for S {
         Some(async move { migrate_once(&S::SPEC, self.service_config()).await })
     }
 }
+
+    /// The service's own subcommands (see [`crate::cli::Binary::command`]).
+    fn command(self, args: &[String]) -> Option<impl Future<Output = anyhow::Result<()>> + Send> {
+        let _ = args;
+        None::<std::future::Ready<anyhow::Result<()>>>
+    }
+
+    /// Usage lines for [`GrpcService::command`].
+    const COMMANDS_USAGE: &'static str = "";
+    const COMMANDS_USAGE: &'static str = <S as GrpcService>::COMMANDS_USAGE;
+
+
+    fn command(self, args: &[String]) -> Option<impl Future<Output = anyhow::Result<()>> + Send> {
+        <S as GrpcService>::command(self, args)
+    }

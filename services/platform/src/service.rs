@@ -304,9 +304,20 @@ pub trait GrpcService: Sized + Send + 'static {
         listener: TcpListener,
         shutdown: crate::cli::ShutdownSignal,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// The service's own subcommands (see [`crate::cli::Binary::command`]).
+    fn command(self, args: &[String]) -> Option<impl Future<Output = anyhow::Result<()>> + Send> {
+        let _ = args;
+        None::<std::future::Ready<anyhow::Result<()>>>
+    }
+
+    /// Usage lines for [`GrpcService::command`].
+    const COMMANDS_USAGE: &'static str = "";
 }
 
 impl<S: GrpcService> crate::cli::Binary for S {
+    const COMMANDS_USAGE: &'static str = <S as GrpcService>::COMMANDS_USAGE;
+
     const NAME: &'static str = S::SPEC.name;
     const ENV_PREFIX: &'static str = S::SPEC.env_prefix;
 
@@ -333,19 +344,8 @@ impl<S: GrpcService> crate::cli::Binary for S {
     fn migrate(self) -> Option<impl Future<Output = anyhow::Result<()>> + Send> {
         Some(async move { migrate_once(&S::SPEC, self.service_config()).await })
     }
-}
-
-    /// The service's own subcommands (see [`crate::cli::Binary::command`]).
-    fn command(self, args: &[String]) -> Option<impl Future<Output = anyhow::Result<()>> + Send> {
-        let _ = args;
-        None::<std::future::Ready<anyhow::Result<()>>>
-    }
-
-    /// Usage lines for [`GrpcService::command`].
-    const COMMANDS_USAGE: &'static str = "";
-    const COMMANDS_USAGE: &'static str = <S as GrpcService>::COMMANDS_USAGE;
-
 
     fn command(self, args: &[String]) -> Option<impl Future<Output = anyhow::Result<()>> + Send> {
         <S as GrpcService>::command(self, args)
     }
+}

@@ -556,7 +556,10 @@ async fn roles_are_admin_only_and_the_first_admin_comes_from_the_cli() {
         .client
         .clone()
         .assign_role(bearer(
-            pb::AssignRoleRequest { user_id: user_id.clone(), role: "admin".to_owned() },
+            pb::AssignRoleRequest {
+                user_id: user_id.clone(),
+                role: "admin".to_owned(),
+            },
             &user.access_token,
         ))
         .await
@@ -564,7 +567,9 @@ async fn roles_are_admin_only_and_the_first_admin_comes_from_the_cli() {
     assert_eq!(denied.code(), Code::PermissionDenied);
 
     // `auth grant-role EMAIL admin` makes the first admin.
-    auth::grant_role(&auth.config, &admin_email, "admin").await.expect("grant-role");
+    auth::grant_role(&auth.config, &admin_email, "admin")
+        .await
+        .expect("grant-role");
     let admin = auth.login(&admin_email, PASSWORD).await.expect("login");
     let roles = auth
         .client
@@ -574,26 +579,39 @@ async fn roles_are_admin_only_and_the_first_admin_comes_from_the_cli() {
         .expect("admin lists roles")
         .into_inner()
         .roles;
-    let admin_role = roles.iter().find(|r| r.name == "admin").expect("admin role exists");
+    let admin_role = roles
+        .iter()
+        .find(|r| r.name == "admin")
+        .expect("admin role exists");
     assert!(admin_role.permissions.iter().any(|p| p == "roles:manage"));
 
     let assign = |role: &str| {
         let mut client = auth.client.clone();
         let request = bearer(
-            pb::AssignRoleRequest { user_id: user_id.clone(), role: role.to_owned() },
+            pb::AssignRoleRequest {
+                user_id: user_id.clone(),
+                role: role.to_owned(),
+            },
             &admin.access_token,
         );
         async move { client.assign_role(request).await }
     };
     assign("admin").await.expect("assigned");
-    assign("admin").await.expect("assigning a held role is fine (PUT)");
+    assign("admin")
+        .await
+        .expect("assigning a held role is fine (PUT)");
     let missing = assign("no-such-role").await.expect_err("unknown role");
     assert_eq!(missing.code(), Code::NotFound);
 
     let held = auth
         .client
         .clone()
-        .get_user_roles(bearer(pb::GetUserRolesRequest { user_id: user_id.clone() }, &user.access_token))
+        .get_user_roles(bearer(
+            pb::GetUserRolesRequest {
+                user_id: user_id.clone(),
+            },
+            &user.access_token,
+        ))
         .await
         .expect("a user reads its own roles")
         .into_inner();
@@ -603,7 +621,10 @@ async fn roles_are_admin_only_and_the_first_admin_comes_from_the_cli() {
     auth.client
         .clone()
         .revoke_role(bearer(
-            pb::RevokeRoleRequest { user_id: user_id.clone(), role: "admin".to_owned() },
+            pb::RevokeRoleRequest {
+                user_id: user_id.clone(),
+                role: "admin".to_owned(),
+            },
             &admin.access_token,
         ))
         .await
@@ -620,7 +641,12 @@ async fn roles_are_admin_only_and_the_first_admin_comes_from_the_cli() {
     // Users: self yes, others look missing, admins see anyone.
     let mut client = auth.client.clone();
     let own = client
-        .get_user(bearer(pb::GetUserRequest { user_id: user_id.clone() }, &user.access_token))
+        .get_user(bearer(
+            pb::GetUserRequest {
+                user_id: user_id.clone(),
+            },
+            &user.access_token,
+        ))
         .await
         .expect("self")
         .into_inner()
@@ -629,12 +655,22 @@ async fn roles_are_admin_only_and_the_first_admin_comes_from_the_cli() {
     assert_eq!(own.email, user_email.to_lowercase());
     assert_eq!(own.display_name, "Ada");
     let hidden = client
-        .get_user(bearer(pb::GetUserRequest { user_id: admin_id.clone() }, &user.access_token))
+        .get_user(bearer(
+            pb::GetUserRequest {
+                user_id: admin_id.clone(),
+            },
+            &user.access_token,
+        ))
         .await
         .expect_err("another user's account");
     assert_eq!(hidden.code(), Code::NotFound);
     client
-        .get_user(bearer(pb::GetUserRequest { user_id: user_id.clone() }, &admin.access_token))
+        .get_user(bearer(
+            pb::GetUserRequest {
+                user_id: user_id.clone(),
+            },
+            &admin.access_token,
+        ))
         .await
         .expect("admin reads anyone");
 
@@ -645,7 +681,10 @@ async fn roles_are_admin_only_and_the_first_admin_comes_from_the_cli() {
     .fetch_one(&mut db)
     .await
     .expect("query");
-    assert_eq!(audited, 3, "the CLI grant, the assignment and the revocation; not the no-op");
+    assert_eq!(
+        audited, 3,
+        "the CLI grant, the assignment and the revocation; not the no-op"
+    );
 
     auth.stop().await;
 }
@@ -655,7 +694,9 @@ async fn bulk_assignment_is_all_or_nothing() {
     let auth = Auth::start(&[]).await;
     let admin_email = unique_email();
     auth.register(&admin_email).await;
-    auth::grant_role(&auth.config, &admin_email, "admin").await.expect("grant-role");
+    auth::grant_role(&auth.config, &admin_email, "admin")
+        .await
+        .expect("grant-role");
     let admin = auth.login(&admin_email, PASSWORD).await.expect("login");
 
     let mut users = Vec::new();
@@ -665,7 +706,10 @@ async fn bulk_assignment_is_all_or_nothing() {
     let pairs = |ids: &[String], role: &str| pb::BulkAssignRolesRequest {
         assignments: ids
             .iter()
-            .map(|id| pb::RoleAssignment { user_id: id.clone(), role: role.to_owned() })
+            .map(|id| pb::RoleAssignment {
+                user_id: id.clone(),
+                role: role.to_owned(),
+            })
             .collect(),
     };
 
@@ -711,5 +755,137 @@ async fn bulk_assignment_is_all_or_nothing() {
         .into_inner();
     assert_eq!((again.assigned_count, again.unchanged_count), (2, 3));
 
+    auth.stop().await;
+}
+
+impl Auth {
+    async fn login_from(
+        &self,
+        email: &str,
+        password: &str,
+        ip: &str,
+    ) -> Result<pb::LoginResponse, tonic::Status> {
+        let mut request = Request::new(pb::LoginRequest {
+            email: email.to_owned(),
+            password: password.to_owned(),
+            device_name: None,
+        });
+        request
+            .metadata_mut()
+            .insert("x-forwarded-for", ip.parse().expect("ascii"));
+        self.client
+            .clone()
+            .login(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
+
+fn assert_throttled(status: &tonic::Status) {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(status).as_deref(), Some("LOGIN_THROTTLED"));
+    let retry = status.get_details_retry_info().and_then(|r| r.retry_delay);
+    assert!(
+        retry.is_some_and(|d| d >= Duration::from_secs(1)),
+        "{retry:?}"
+    );
+}
+
+#[tokio::test]
+async fn failed_logins_throttle_the_account_until_the_window_ends() {
+    let auth = Auth::start(&[
+        ("LOGIN_MAX_FAILURES_PER_ACCOUNT", "3"),
+        ("LOGIN_THROTTLE_WINDOW", "2s"),
+    ])
+    .await;
+    let email = unique_email();
+    auth.register(&email).await;
+    for _ in 0..3 {
+        let refused = auth
+            .login(&email, "wrong password!")
+            .await
+            .expect_err("wrong");
+        assert_eq!(refused.code(), Code::Unauthenticated);
+    }
+    // Even the right password is refused now, with the time left.
+    assert_throttled(&auth.login(&email, PASSWORD).await.expect_err("throttled"));
+
+    // An address with no account is throttled the same way: a block says nothing.
+    let nobody = unique_email();
+    for _ in 0..3 {
+        let _ = auth.login(&nobody, "wrong password!").await;
+    }
+    assert_throttled(&auth.login(&nobody, PASSWORD).await.expect_err("throttled"));
+
+    // Other accounts are untouched, and the block lifts by itself.
+    let other = unique_email();
+    auth.register(&other).await;
+    auth.login(&other, PASSWORD)
+        .await
+        .expect("another account logs in");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    auth.login(&email, PASSWORD)
+        .await
+        .expect("the window has passed");
+
+    let mut db = auth.db().await;
+    let throttled: i64 =
+        sqlx::query_scalar("select count(*) from audit_events where kind = 'login_throttled'")
+            .fetch_one(&mut db)
+            .await
+            .expect("query");
+    assert_eq!(throttled, 2, "each refused attempt is audited");
+
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn failed_logins_throttle_the_client_ip_across_accounts() {
+    let auth = Auth::start(&[("LOGIN_MAX_FAILURES_PER_IP", "4")]).await;
+    let email = unique_email();
+    auth.register(&email).await;
+    // Credential stuffing: one address, many accounts.
+    for _ in 0..4 {
+        let _ = auth
+            .login_from(&unique_email(), "guess guess guess", "203.0.113.7")
+            .await;
+    }
+    assert_throttled(
+        &auth
+            .login_from(&email, PASSWORD, "203.0.113.7")
+            .await
+            .expect_err("this address is throttled"),
+    );
+    auth.login_from(&email, PASSWORD, "198.51.100.2")
+        .await
+        .expect("another address is not");
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn throttling_holds_without_redis() {
+    // Nothing listens there: Redis is down from the start.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_redis = format!("redis://{}/0", listener.local_addr().expect("addr"));
+    drop(listener);
+    let auth = Auth::start(&[
+        ("REDIS_URL", &dead_redis),
+        ("LOGIN_MAX_FAILURES_PER_ACCOUNT", "2"),
+    ])
+    .await;
+    let email = unique_email();
+    auth.register(&email).await;
+    auth.login(&email, PASSWORD)
+        .await
+        .expect("login works without Redis");
+    for _ in 0..2 {
+        let _ = auth.login(&email, "wrong password!").await;
+    }
+    assert_throttled(
+        &auth
+            .login(&email, PASSWORD)
+            .await
+            .expect_err("counted locally"),
+    );
     auth.stop().await;
 }

@@ -7,7 +7,7 @@ use platform::{
 };
 use tokio::net::TcpListener;
 
-use crate::{SPEC, password::HasherConfig, tokens::RefreshTokens};
+use crate::{SPEC, password::HasherConfig, throttle::ThrottleConfig, tokens::RefreshTokens};
 
 /// Everything the auth service reads from its environment (`AUTH_*`).
 #[derive(Debug, Clone)]
@@ -15,6 +15,7 @@ pub struct Config {
     pub service: ServiceConfig,
     pub tokens: TokenConfig,
     pub hasher: HasherConfig,
+    pub throttle: ThrottleConfig,
 }
 
 /// Token and session settings.
@@ -177,6 +178,7 @@ impl GrpcService for Config {
             service: ServiceConfig::from_env(&SPEC, env),
             tokens: TokenConfig::from_env(env),
             hasher: HasherConfig::from_env(env),
+            throttle: ThrottleConfig::from_env(env),
         }
     }
 
@@ -188,8 +190,7 @@ impl GrpcService for Config {
         crate::serve(self, listener, shutdown).await
     }
 
-    const COMMANDS_USAGE: &'static str =
-        "       auth grant-role EMAIL ROLE   give an account a role (the first admin, say) and exit\n";
+    const COMMANDS_USAGE: &'static str = "       auth grant-role EMAIL ROLE   give an account a role (the first admin, say) and exit\n";
 
     fn command(self, args: &[String]) -> Option<impl Future<Output = anyhow::Result<()>> + Send> {
         match args {

@@ -43,6 +43,8 @@ pub enum AuthError {
     WrongPassword,
     #[error("password-hash queue full")]
     HashPoolBusy,
+    #[error("too many failed logins")]
+    LoginThrottled { retry_after: Duration },
     #[error(transparent)]
     Hashing(HashError),
     #[error(transparent)]
@@ -151,6 +153,17 @@ impl From<AuthError> for Status {
                 Status::with_error_details(
                     Code::ResourceExhausted,
                     "too many logins in progress, retry shortly",
+                    details,
+                )
+            }
+            AuthError::LoginThrottled { retry_after } => {
+                let mut details =
+                    ErrorDetails::with_error_info("LOGIN_THROTTLED", DOMAIN, HashMap::new());
+                // Whole seconds, at least one: what Retry-After can say.
+                details.set_retry_info(Some(Duration::from_secs(retry_after.as_secs().max(1))));
+                Status::with_error_details(
+                    Code::ResourceExhausted,
+                    "too many failed logins, retry later",
                     details,
                 )
             }

@@ -15,6 +15,7 @@ use crate::{
     error::AuthError,
     password::{PasswordHasher, VerifyOutcome},
     store::{BulkOutcome, ClientInfo, RevokeOutcome, RoleChange, Store},
+    throttle::{LoginThrottle, Verdict},
     tokens::{RefreshTokens, TokenIssuer},
 };
 
@@ -31,6 +32,7 @@ struct Inner {
     issuer: TokenIssuer,
     verifier: AccessTokenVerifier,
     refresh: RefreshTokens,
+    throttle: LoginThrottle,
     config: TokenConfig,
 }
 
@@ -40,6 +42,7 @@ impl AuthApi {
         hasher: PasswordHasher,
         issuer: TokenIssuer,
         refresh: RefreshTokens,
+        throttle: LoginThrottle,
         config: TokenConfig,
     ) -> Result<Self, platform::access_token::TokenError> {
         let verifier = issuer.verifier()?;
@@ -50,6 +53,7 @@ impl AuthApi {
                 issuer,
                 verifier,
                 refresh,
+                throttle,
                 config,
             }),
         })
@@ -174,6 +178,19 @@ impl Inner {
         // and its timing say nothing about which part was wrong.
         let email = Email::parse("email", &body.email).ok();
         let password = Password::parse_presented("password", &body.password)?;
+        // Keyed on what was submitted, account or not, so a block reveals nothing.
+        let account = LoginThrottle::account_key(
+            email
+                .as_ref()
+                .map_or(body.email.trim().to_lowercase().as_str(), |e| e.as_str()),
+        );
+        if let Verdict::Blocked { scope, retry_after } =
+            self.throttle.check(&account, &client.ip_address).await
+        {
+            tracing::warn!(?scope, ?retry_after, "login throttled");
+            self.store.record_login_throttled(&client).await?;
+            return Err(AuthError::LoginThrottled { retry_after });
+        }
         let credentials = match &email {
             Some(email) => self.store.credentials(email.as_str()).await?,
             None => None,
@@ -185,12 +202,16 @@ impl Inner {
                 (credentials, needs_rehash)
             }
             (credentials, _) => {
+                self.throttle
+                    .record_failure(&account, &client.ip_address)
+                    .await;
                 self.store
                     .record_login_failure(credentials.map(|c| c.user_id), &client)
                     .await?;
                 return Err(AuthError::InvalidCredentials);
             }
         };
+        self.throttle.record_success(&account).await;
         if !credentials.active {
             return Err(AuthError::AccountDisabled);
         }
@@ -335,7 +356,12 @@ impl Inner {
         let limit = match body.page_size {
             0 => SESSIONS_PAGE_DEFAULT,
             n if n < 0 => {
-                return Err(FieldViolation::new("page_size", "OUT_OF_RANGE", "must not be negative").into());
+                return Err(FieldViolation::new(
+                    "page_size",
+                    "OUT_OF_RANGE",
+                    "must not be negative",
+                )
+                .into());
             }
             n => i64::from(n).min(SESSIONS_PAGE_MAX),
         };
@@ -448,7 +474,11 @@ impl Inner {
     ) -> Result<pb::GetUserRolesResponse, AuthError> {
         let user_id = parse_id("user_id", &request.get_ref().user_id)?;
         self.reader_of(&request, user_id).await?;
-        let row = self.store.user_roles(user_id).await?.ok_or(AuthError::UserNotFound)?;
+        let row = self
+            .store
+            .user_roles(user_id)
+            .await?
+            .ok_or(AuthError::UserNotFound)?;
         Ok(pb::GetUserRolesResponse {
             user_id: user_id.to_string(),
             roles: row.roles,
@@ -480,9 +510,19 @@ impl Inner {
         })
     }
 
-    async fn set_role(&self, user_id: &str, role: &str, grant: bool, actor: Uuid) -> Result<(), AuthError> {
+    async fn set_role(
+        &self,
+        user_id: &str,
+        role: &str,
+        grant: bool,
+        actor: Uuid,
+    ) -> Result<(), AuthError> {
         let user_id = parse_id("user_id", user_id)?;
-        match self.store.set_role(user_id, role, grant, Some(actor)).await? {
+        match self
+            .store
+            .set_role(user_id, role, grant, Some(actor))
+            .await?
+        {
             RoleChange::Changed | RoleChange::Unchanged => Ok(()),
             RoleChange::UserNotFound => Err(AuthError::UserNotFound),
             RoleChange::RoleNotFound => Err(AuthError::RoleNotFound),
@@ -517,7 +557,11 @@ impl Inner {
             return Err(AuthError::Invalid(violations));
         }
         let requested = user_ids.len();
-        match self.store.bulk_assign(&user_ids, &roles, Some(caller.user_id)).await? {
+        match self
+            .store
+            .bulk_assign(&user_ids, &roles, Some(caller.user_id))
+            .await?
+        {
             BulkOutcome::Assigned(assigned) => {
                 let assigned = usize::try_from(assigned).unwrap_or(requested);
                 Ok(pb::BulkAssignRolesResponse {
@@ -594,7 +638,13 @@ fn encode_page_token(last_used_at: DateTime<Utc>, id: Uuid) -> String {
 }
 
 fn decode_page_token(token: &str) -> Result<(DateTime<Utc>, Uuid), AuthError> {
-    let invalid = || FieldViolation::new("page_token", "INVALID_PAGE_TOKEN", "not a page token from this list");
+    let invalid = || {
+        FieldViolation::new(
+            "page_token",
+            "INVALID_PAGE_TOKEN",
+            "not a page token from this list",
+        )
+    };
     let text = URL_SAFE_NO_PAD
         .decode(token)
         .ok()
@@ -843,7 +893,10 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::BulkAssignRolesRequest>,
     ) -> Result<Response<pb::BulkAssignRolesResponse>, Status> {
-        finish("BulkAssignRoles", self.inner.bulk_assign_roles(request).await)
+        finish(
+            "BulkAssignRoles",
+            self.inner.bulk_assign_roles(request).await,
+        )
     }
 
     async fn get_jwks(

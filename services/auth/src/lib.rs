@@ -16,6 +16,8 @@ pub mod grpc;
 pub mod password;
 /// All of auth's SQL.
 pub mod store;
+/// Failed-login counters per account and per IP, in Redis with a local fallback.
+pub mod throttle;
 /// Signed access tokens, the key set, and refresh tokens.
 pub mod tokens;
 
@@ -56,11 +58,17 @@ pub async fn serve(
     )?;
     let refresh = tokens::RefreshTokens::new(&config.tokens.refresh_secret)
         .map_err(|e| anyhow::anyhow!("refresh-token secret: {e}"))?;
+    let throttle = throttle::LoginThrottle::new(
+        resources.redis.clone(),
+        config.service.redis.clone(),
+        config.throttle,
+    );
     let api = grpc::AuthApi::new(
         store::Store::new(resources.db.clone()),
         hasher,
         issuer,
         refresh,
+        throttle,
         config.tokens.clone(),
     )?;
     let routes = Routes::new(auth_service_server::AuthServiceServer::new(api));

@@ -186,6 +186,8 @@ fn run_worker(
         };
         let waited: Duration = enqueued_at.elapsed();
         metrics::histogram!("auth_hash_queue_wait_seconds").record(waited.as_secs_f64());
+        // The counter drops before the reply goes out, so a caller that has its answer
+        // never sees its own job still counted.
         match job {
             Job::Verify {
                 password,
@@ -193,13 +195,15 @@ fn run_worker(
                 reply,
             } => {
                 let outcome = verify_with(&argon2, params, &password, phc.as_deref(), dummy);
+                queued.fetch_sub(1, Ordering::Relaxed);
                 let _ = reply.send(outcome);
             }
             Job::Hash { password, reply } => {
-                let _ = reply.send(hash_with(&argon2, password.expose()));
+                let hashed = hash_with(&argon2, password.expose());
+                queued.fetch_sub(1, Ordering::Relaxed);
+                let _ = reply.send(hashed);
             }
         }
-        queued.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -140,6 +140,17 @@ impl Store {
         Ok(())
     }
 
+    /// Records a login refused by throttling (no account is named: the key may not be one).
+    pub async fn record_login_throttled(&self, client: &ClientInfo) -> Result<(), sqlx::Error> {
+        sqlx::query!(
+            "insert into audit_events (kind, ip_address) values ('login_throttled', $1)",
+            client.ip_address,
+        )
+        .execute(&self.db)
+        .await?;
+        Ok(())
+    }
+
     /// Opens a session with its first refresh token, and audits the login.
     #[allow(clippy::too_many_arguments)]
     pub async fn open_session(
@@ -611,7 +622,9 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(BulkOutcome::Assigned(u64::try_from(assigned).unwrap_or_default()))
+        Ok(BulkOutcome::Assigned(
+            u64::try_from(assigned).unwrap_or_default(),
+        ))
     }
 
     /// The id of the account with this email (for the `grant-role` command).

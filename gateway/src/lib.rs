@@ -7,7 +7,15 @@
 
 /// Settings (`GATEWAY_*` environment variables).
 pub mod config;
-/// Per-request middleware: request id, span, metrics.
+/// What a handler knows of its request: request id, trace id, deadline; passing them on to
+/// services.
+pub mod context;
+/// `ApiError`: every failure as RFC 9457 problem details; the gRPC-to-HTTP status table.
+pub mod error;
+/// Extractors that reject with `ApiError`: `ApiJson`.
+pub mod extract;
+/// What wraps every request: request id, span, metrics, problem bodies, compression, CORS,
+/// and for API routes load shedding, deadlines and body limits.
 mod middleware;
 /// Every route, one module per concern.
 pub mod routes;
@@ -40,7 +48,14 @@ pub struct AppState {
 
 /// The whole HTTP application, middleware included.
 pub fn app(state: AppState) -> Router {
-    middleware::apply(routes::router(state))
+    app_with(state, Router::new())
+}
+
+/// The application with `extra_api_routes` served beside the gateway's own API routes,
+/// behind the same edge guard and middleware (tests and benchmarks mount routes this way).
+pub fn app_with(state: AppState, extra_api_routes: Router<AppState>) -> Router {
+    let edge = middleware::Edge::new(&state.config.edge);
+    middleware::apply(routes::router(&edge, extra_api_routes), &edge).with_state(state)
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains: `/ready` turns
@@ -48,6 +63,16 @@ pub fn app(state: AppState) -> Router {
 /// the grace period.
 pub async fn serve(
     config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_with(config, Router::new(), listener, shutdown).await
+}
+
+/// [`serve`] with extra API routes (see [`app_with`]).
+pub async fn serve_with(
+    config: Config,
+    extra_api_routes: Router<AppState>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -67,7 +92,11 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, app(state))
+    // The peer address reaches handlers as `ConnectInfo<SocketAddr>`: the client IP when no
+    // trusted proxy stands in front.
+    let app = app_with(state, extra_api_routes)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = accepting_stopped.await;
         })

@@ -8,6 +8,8 @@
 )]
 
 mod auth;
+mod gateway_edge;
 mod lifecycle;
+mod observability;
 mod pools;
 mod stack;

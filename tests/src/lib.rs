@@ -375,3 +375,162 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
         body,
     }
 }
+
+/// Installs the process-wide tracing subscriber and tracer provider `main` installs (nothing
+/// exported), so spans get trace ids as in production. Once per test process; later calls
+/// do nothing. Logs go nowhere unless `TEST_LOG` is set (then to stdout).
+pub fn install_tracing() {
+    static GUARD: std::sync::OnceLock<platform::telemetry::TelemetryGuard> =
+        std::sync::OnceLock::new();
+    GUARD.get_or_init(|| {
+        let config = platform::telemetry::TelemetryConfig {
+            service_name: "e2e",
+            instance_id: format!("e2e-{}", std::process::id()),
+            log_format: platform::telemetry::LogFormat::Json,
+            log_filter: platform::telemetry::TelemetryConfig::DEFAULT_LOG_FILTER.to_owned(),
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+        };
+        let installed = if std::env::var_os("TEST_LOG").is_some() {
+            platform::telemetry::init_with_writer(&config, std::io::stdout)
+        } else {
+            platform::telemetry::init_with_writer(&config, std::io::sink)
+        };
+        installed.expect("the only global subscriber of the test process")
+    });
+}
+
+/// Sends one unary gRPC call with an empty message to `path` (`/package.Service/Method`),
+/// with `metadata`, and returns the response headers and the status code, from the headers
+/// (trailers-only answers) or else the trailers.
+pub async fn grpc_call_raw(
+    running: &Running,
+    path: &str,
+    metadata: &[(&str, &str)],
+) -> (http::HeaderMap, tonic::Code) {
+    use http_body_util::BodyExt as _;
+    use tonic::codegen::Service as _;
+
+    let mut channel = running.channel().await;
+    // An empty message: no compression flag, zero length.
+    let body = http_body_util::Full::new(hyper::body::Bytes::from_static(&[0, 0, 0, 0, 0]));
+    let mut request = http::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(body))
+        .expect("valid request");
+    for (name, value) in metadata {
+        request.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("metadata name"),
+            http::HeaderValue::from_str(value).expect("metadata value"),
+        );
+    }
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .expect("channel ready");
+    let response = tokio::time::timeout(Duration::from_secs(10), channel.call(request))
+        .await
+        .expect("answer within 10s")
+        .expect("gRPC response");
+    let (parts, body) = response.into_parts();
+    let code_in = |headers: &http::HeaderMap| {
+        headers
+            .get("grpc-status")
+            .map(|v| tonic::Code::from_bytes(v.as_bytes()))
+    };
+    let code = match code_in(&parts.headers) {
+        Some(code) => code,
+        None => {
+            let collected = body.collect().await.expect("read the body");
+            collected
+                .trailers()
+                .and_then(code_in)
+                .expect("grpc-status in the trailers")
+        }
+    };
+    (parts.headers, code)
+}
+
+/// The value of the sample `series` (name and labels exactly as rendered) in a Prometheus
+/// text exposition, 0 when absent.
+pub fn prometheus_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// The gateway's configuration with `GATEWAY_<name>` overrides, on the defaults
+/// [`start_gateway`] uses.
+pub fn gateway_config(extra: &[(&str, &str)]) -> gateway::Config {
+    let mut vars = vec![
+        ("GATEWAY_SHUTDOWN_DRAIN_DELAY".to_owned(), "0ms".to_owned()),
+        ("GATEWAY_SHUTDOWN_GRACE_PERIOD".to_owned(), "5s".to_owned()),
+    ];
+    vars.extend(
+        extra
+            .iter()
+            .map(|(name, value)| (format!("GATEWAY_{name}"), (*value).to_owned())),
+    );
+    let env = Env::from_pairs("GATEWAY", vars);
+    let config = gateway::Config::from_env(&env);
+    env.finish().expect("valid gateway configuration");
+    config
+}
+
+/// The gateway with a test's own API routes mounted behind the same edge guard and
+/// middleware as the real ones.
+pub async fn start_gateway_with_routes(
+    extra: &[(&str, &str)],
+    routes: axum::Router<gateway::AppState>,
+) -> Running {
+    let config = gateway_config(extra);
+    Running::start(move |listener, shutdown| {
+        gateway::serve_with(config, routes, listener, shutdown)
+    })
+    .await
+}
+
+/// Any request over a fresh HTTP/1.1 connection. Header values go out as raw bytes, so a
+/// test can send what a lenient client would (tabs, UTF-8).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Vec<u8>>,
+) -> HttpResponse {
+    use http_body_util::BodyExt as _;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<hyper::body::Bytes>>();
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(
+            *name,
+            http::HeaderValue::from_bytes(value.as_bytes()).expect("a header value"),
+        );
+    }
+    let request = request
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+            body.into(),
+        )))
+        .expect("a valid request");
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .expect("response within 10s")
+        .expect("HTTP request");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("read body").to_bytes().to_vec();
+    HttpResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}

@@ -4,9 +4,16 @@ mod ops;
 
 use axum::Router;
 
-use crate::AppState;
+use crate::{AppState, middleware::Edge};
 
-/// Every route the gateway serves.
-pub fn router(state: AppState) -> Router {
-    Router::new().merge(ops::router()).with_state(state)
+/// Every route the gateway serves, before the middleware every route shares.
+///
+/// Operators' routes (`/health`, `/ready`, `/metrics`) stay outside the edge guard: they are
+/// never shed, so probes and scrapes still answer under overload, and `/ready` bounds its own
+/// checks. API routes, one module per upstream service, go behind it: each module's
+/// `router()` merged into `api`, a route class with its own timeout guarded separately with
+/// `edge.guard(class_routes, its_timeout)`.
+pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<AppState> {
+    let api = Router::new().merge(extra_api_routes);
+    ops::router().merge(edge.guard(api, edge.config().request_timeout))
 }

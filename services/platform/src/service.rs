@@ -19,7 +19,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     config::Env,
-    grpc,
+    grpc, metrics,
     postgres::{self, PgConfig},
     redis_pool::{self, RedisConfig, RedisPool},
     shutdown::ShutdownConfig,
@@ -119,6 +119,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Install the recorder before the first request records anything.
+    metrics::handle();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health {
         reporter,
@@ -131,6 +133,8 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let routes = routes.add_service(health_service).add_service(reflection);
+    let routes = with_metrics_route(routes, spec, config, resources);
+    let known_methods = known_methods(spec)?;
 
     let (stop_readiness, readiness_stopped) = watch::channel(false);
     let mut readiness = tokio::spawn(readiness(
@@ -146,7 +150,9 @@ pub async fn serve(
     let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
-        .trace_fn(grpc::server_span)
+        // HTTP/1.1 too, for `/metrics` on the gRPC port: one port to expose and to scrape.
+        .accept_http1(true)
+        .layer(grpc::ServerLayer::new(known_methods))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = accepting_stopped.await;
@@ -195,6 +201,51 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Adds `GET /metrics` (Prometheus text) beside the gRPC services. It answers on the gRPC
+/// port over HTTP/1.1 (or h2c), so a pod exposes one port and needs no second listener; it
+/// samples the pools at each scrape.
+fn with_metrics_route(
+    routes: Routes,
+    spec: &ServiceSpec,
+    config: &ServiceConfig,
+    resources: &Resources,
+) -> Routes {
+    let pools = metrics::Pools {
+        service: spec.name,
+        db: resources.db.clone(),
+        redis: resources.redis.clone(),
+        redis_max_connections: config.redis.max_connections,
+    };
+    let scrape = move || {
+        pools.sample();
+        let body = metrics::render();
+        async move { ([(http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body) }
+    };
+    Routes::from(
+        routes
+            .into_axum_router()
+            .route("/metrics", axum::routing::get(scrape)),
+    )
+}
+
+/// The methods this service answers (its own, health, reflection): the only values the
+/// `service` and `method` labels of the RPC metrics take.
+fn known_methods(spec: &ServiceSpec) -> anyhow::Result<grpc::KnownMethods> {
+    let mut services = spec.grpc_services.to_vec();
+    services.extend([
+        tonic_health::pb::health_server::SERVICE_NAME,
+        tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+    ]);
+    Ok(grpc::KnownMethods::from_descriptor_sets(
+        &[
+            spec.file_descriptor_set,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        ],
+        &services,
+    )?)
 }
 
 /// Applies migrations, then keeps health in step with the database until told to stop.

@@ -30,10 +30,14 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
-/// Makes `span` a child of the trace context found in `headers`, if any.
+/// Makes `span` a child of the trace context found in `headers`; without one, the root of a
+/// new trace.
 pub fn set_parent_from(span: &tracing::Span, headers: &HeaderMap) {
+    // From an empty context, not `extract`'s default of the current one: a server span
+    // started while some other span is entered (a connection task's, a test's) must not
+    // become that span's child when the caller sent no trace context.
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&HeaderExtractor(headers))
+        propagator.extract_with_context(&opentelemetry::Context::new(), &HeaderExtractor(headers))
     });
     // Fails only when the span is disabled; then there is nothing to link.
     let _ = span.set_parent(parent);
@@ -41,8 +45,22 @@ pub fn set_parent_from(span: &tracing::Span, headers: &HeaderMap) {
 
 /// Writes the current span's trace context into `headers`.
 pub fn inject_current(headers: &mut HeaderMap) {
-    let context = tracing::Span::current().context();
+    inject_context(&tracing::Span::current().context(), headers);
+}
+
+/// Writes `span`'s trace context into `headers`, so the receiver's span becomes its child.
+/// A span the log filter disabled has no context of its own: then the current span's is
+/// sent, so the trace still continues past a filtered-out hop.
+pub fn inject_from(span: &tracing::Span, headers: &mut HeaderMap) {
+    if span.is_disabled() {
+        inject_current(headers);
+    } else {
+        inject_context(&span.context(), headers);
+    }
+}
+
+fn inject_context(context: &opentelemetry::Context, headers: &mut HeaderMap) {
     opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.inject_context(&context, &mut HeaderInjector(headers));
+        propagator.inject_context(context, &mut HeaderInjector(headers));
     });
 }

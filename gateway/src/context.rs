@@ -175,3 +175,21 @@ mod tests {
         assert_eq!(error.status().as_u16(), 504);
     }
 }
+
+/// The client's socket address, when the server was started with connection info (it is,
+/// by [`crate::serve`]). Client-sent `X-Forwarded-For` is never taken instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub Option<std::net::SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0),
+        ))
+    }
+}

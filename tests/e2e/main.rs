@@ -8,6 +8,7 @@
 )]
 
 mod auth;
+mod gateway_auth;
 mod gateway_edge;
 mod lifecycle;
 mod observability;

@@ -234,16 +234,32 @@ pub fn service_config<S: GrpcService>(vars: Vec<(String, String)>) -> S {
 }
 
 /// One of the three gRPC services, started on a fresh database.
-pub async fn start_service<S: GrpcService>(infra: &Infra, extra: &[(&str, &str)]) -> Running {
+pub async fn start_service<S: GrpcService + Clone>(
+    infra: &Infra,
+    extra: &[(&str, &str)],
+) -> Running {
+    start_service_with_config::<S>(infra, extra).await.1
+}
+
+/// [`start_service`], also returning the configuration it started with (to run the
+/// binary's commands, such as `auth grant-role`, against the same database).
+pub async fn start_service_with_config<S: GrpcService + Clone>(
+    infra: &Infra,
+    extra: &[(&str, &str)],
+) -> (S, Running) {
     let database = infra.create_database(S::SPEC.name).await;
     let vars = service_vars(infra, S::SPEC.env_prefix, &database, extra);
     let config: S = service_config(vars);
-    Running::start(move |listener, shutdown| config.serve(listener, shutdown)).await
+    let serving = config.clone();
+    let running = Running::start(move |listener, shutdown| serving.serve(listener, shutdown)).await;
+    (config, running)
 }
 
 /// The whole set: three services and the gateway in front of them.
 #[derive(Debug)]
 pub struct Stack {
+    /// The auth service's configuration, for `auth` commands against its database.
+    pub auth_config: auth::Config,
     pub auth: Running,
     pub profile: Running,
     pub notes: Running,
@@ -252,8 +268,13 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(infra: &Infra) -> Self {
-        let (auth, profile, notes) = tokio::join!(
-            start_service::<auth::Config>(infra, &[]),
+        Self::start_with(infra, &[]).await
+    }
+
+    /// The set with `AUTH_<name>` overrides for the auth service.
+    pub async fn start_with(infra: &Infra, auth_extra: &[(&str, &str)]) -> Self {
+        let ((auth_config, auth), profile, notes) = tokio::join!(
+            start_service_with_config::<auth::Config>(infra, auth_extra),
             start_service::<profile::Config>(infra, &[]),
             start_service::<notes::Config>(infra, &[]),
         );
@@ -264,6 +285,7 @@ impl Stack {
         ])
         .await;
         Self {
+            auth_config,
             auth,
             profile,
             notes,
@@ -280,16 +302,18 @@ impl Stack {
     }
 
     /// Stops everything and checks each part exited cleanly.
-    pub async fn stop(mut self) {
-        for running in [
-            &mut self.gateway,
-            &mut self.auth,
-            &mut self.profile,
-            &mut self.notes,
-        ] {
+    pub async fn stop(self) {
+        let Self {
+            mut auth,
+            mut profile,
+            mut notes,
+            mut gateway,
+            ..
+        } = self;
+        for running in [&mut gateway, &mut auth, &mut profile, &mut notes] {
             running.signal_shutdown();
         }
-        for running in [self.gateway, self.auth, self.profile, self.notes] {
+        for running in [gateway, auth, profile, notes] {
             tokio::time::timeout(Duration::from_secs(10), running.task)
                 .await
                 .expect("stops within its grace period")
@@ -301,18 +325,7 @@ impl Stack {
 
 /// The gateway with `GATEWAY_<name>` overrides.
 pub async fn start_gateway(extra: &[(&str, &str)]) -> Running {
-    let mut vars = vec![
-        ("GATEWAY_SHUTDOWN_DRAIN_DELAY".to_owned(), "0ms".to_owned()),
-        ("GATEWAY_SHUTDOWN_GRACE_PERIOD".to_owned(), "5s".to_owned()),
-    ];
-    vars.extend(
-        extra
-            .iter()
-            .map(|(name, value)| (format!("GATEWAY_{name}"), (*value).to_owned())),
-    );
-    let env = Env::from_pairs("GATEWAY", vars);
-    let config = gateway::Config::from_env(&env);
-    env.finish().expect("valid gateway configuration");
+    let config = gateway_config(extra);
     Running::start(move |listener, shutdown| gateway::serve(config, listener, shutdown)).await
 }
 

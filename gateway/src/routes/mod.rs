@@ -1,5 +1,6 @@
 //! The gateway's routes, one module per concern, merged in [`router`].
 
+mod auth;
 mod ops;
 
 use axum::Router;
@@ -14,6 +15,6 @@ use crate::{AppState, middleware::Edge};
 /// `router()` merged into `api`, a route class with its own timeout guarded separately with
 /// `edge.guard(class_routes, its_timeout)`.
 pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<AppState> {
-    let api = Router::new().merge(extra_api_routes);
+    let api = Router::new().merge(auth::router()).merge(extra_api_routes);
     ops::router().merge(edge.guard(api, edge.config().request_timeout))
 }

@@ -235,7 +235,7 @@ async fn throttled_logins_are_429_with_retry_after() {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .expect("Retry-After in seconds");
-    assert!(retry_after >= 1 && retry_after <= 15 * 60, "{retry_after}");
+    assert!((1..=15 * 60).contains(&retry_after), "{retry_after}");
     stack.stop().await;
 }
 

@@ -16,7 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use argon2::{Algorithm, Argon2, Params, PasswordHasher as _, PasswordVerifier as _, Version};
+use argon2::{
+    Algorithm, Argon2, Block, Params, Version,
+    password_hash::phc::{Output, ParamsString, PasswordHash, Salt},
+};
 use tokio::sync::oneshot;
 
 use crate::domain::Password;
@@ -101,8 +104,7 @@ impl PasswordHasher {
         let params = config
             .params()
             .map_err(|e| HashError::Failed(e.to_string()))?;
-        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
-        let dummy = hash_with(&argon2, &random_password())?;
+        let dummy = Hashing::new(params.clone()).hash(random_password().as_bytes())?;
         let (jobs, receiver) = mpsc::sync_channel::<(Instant, Job)>(config.queue);
         let receiver = Arc::new(Mutex::new(receiver));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -174,7 +176,7 @@ fn run_worker(
     params: &Params,
     dummy: &str,
 ) {
-    let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+    let mut hashing = Hashing::new(params.clone());
     loop {
         // The lock is held only while waiting for the next job, never while hashing.
         let next = match receiver.lock() {
@@ -194,12 +196,19 @@ fn run_worker(
                 phc,
                 reply,
             } => {
-                let outcome = verify_with(&argon2, params, &password, phc.as_deref(), dummy);
+                let outcome = match phc {
+                    Some(phc) => hashing.verify(password.expose().as_bytes(), &phc),
+                    None => {
+                        // Same work as a real check; the answer is always "no".
+                        let _ = hashing.verify(password.expose().as_bytes(), dummy);
+                        Ok(VerifyOutcome::Mismatch)
+                    }
+                };
                 queued.fetch_sub(1, Ordering::Relaxed);
                 let _ = reply.send(outcome);
             }
             Job::Hash { password, reply } => {
-                let hashed = hash_with(&argon2, password.expose());
+                let hashed = hashing.hash(password.expose().as_bytes());
                 queued.fetch_sub(1, Ordering::Relaxed);
                 let _ = reply.send(hashed);
             }
@@ -207,43 +216,86 @@ fn run_worker(
     }
 }
 
-fn verify_with(
-    argon2: &Argon2<'_>,
-    params: &Params,
-    password: &Password,
-    phc: Option<&str>,
-    dummy: &str,
-) -> Result<VerifyOutcome, HashError> {
-    let Some(phc) = phc else {
-        // Same work as a real check; the answer is always "no".
-        let _ = argon2.verify_password(password.expose().as_bytes(), dummy);
-        return Ok(VerifyOutcome::Mismatch);
-    };
-    let parsed = argon2::password_hash::phc::PasswordHash::new(phc)
-        .map_err(|e| HashError::Failed(format!("stored hash unreadable: {e}")))?;
-    // Verify with the parameters stored in the hash, whatever the current ones are.
-    match argon2.verify_password(password.expose().as_bytes(), &parsed) {
-        Ok(()) => {
-            let stored = Params::try_from(&parsed).ok();
-            let needs_rehash = parsed.algorithm.as_str() != "argon2id"
-                || stored.is_none_or(|stored| {
-                    stored.m_cost() != params.m_cost()
-                        || stored.t_cost() != params.t_cost()
-                        || stored.p_cost() != params.p_cost()
-                });
-            Ok(VerifyOutcome::Match { needs_rehash })
-        }
-        Err(argon2::password_hash::Error::PasswordInvalid) => Ok(VerifyOutcome::Mismatch),
-        Err(e) => Err(HashError::Failed(e.to_string())),
-    }
+/// One worker's hashing state. The argon2 memory (19 MiB at OWASP's parameters) is allocated
+/// once and reused for every hash: allocating it per hash would leave the allocator holding
+/// freed blocks, and the process would grow far beyond workers × memory.
+struct Hashing {
+    params: Params,
+    blocks: Vec<Block>,
 }
 
-fn hash_with(argon2: &Argon2<'_>, password: &str) -> Result<String, HashError> {
-    let salt: [u8; 16] = rand::random();
-    argon2
-        .hash_password_with_salt(password.as_bytes(), &salt)
-        .map(|hash| hash.to_string())
-        .map_err(|e| HashError::Failed(e.to_string()))
+impl Hashing {
+    fn new(params: Params) -> Self {
+        let blocks = vec![Block::default(); params.block_count()];
+        Self { params, blocks }
+    }
+
+    /// Memory for `params`, grown (and kept) if a stored hash used more than the current
+    /// parameters.
+    fn memory(&mut self, params: &Params) -> &mut [Block] {
+        let needed = params.block_count();
+        if self.blocks.len() < needed {
+            self.blocks.resize(needed, Block::default());
+        }
+        &mut self.blocks[..needed]
+    }
+
+    /// A PHC string for `password` with the configured parameters and a random salt.
+    fn hash(&mut self, password: &[u8]) -> Result<String, HashError> {
+        let failed = |e: &dyn std::fmt::Display| HashError::Failed(e.to_string());
+        let params = self.params.clone();
+        let salt: [u8; 16] = rand::random();
+        let mut out = vec![0u8; params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN)];
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+        argon2
+            .hash_password_into_with_memory(password, &salt, &mut out, self.memory(&params))
+            .map_err(|e| failed(&e))?;
+        let hash = PasswordHash {
+            algorithm: Algorithm::Argon2id.ident(),
+            version: Some(Version::V0x13.into()),
+            params: ParamsString::try_from(&params).map_err(|e| failed(&e))?,
+            salt: Some(Salt::new(&salt).map_err(|e| failed(&e))?),
+            hash: Some(Output::new(&out).map_err(|e| failed(&e))?),
+        };
+        Ok(hash.to_string())
+    }
+
+    /// Checks `password` against a stored PHC string, with the parameters stored in it.
+    fn verify(&mut self, password: &[u8], phc: &str) -> Result<VerifyOutcome, HashError> {
+        let unreadable =
+            |e: &dyn std::fmt::Display| HashError::Failed(format!("stored hash unreadable: {e}"));
+        let parsed = PasswordHash::new(phc).map_err(|e| unreadable(&e))?;
+        let algorithm =
+            Algorithm::try_from(parsed.algorithm.as_str()).map_err(|e| unreadable(&e))?;
+        let version = parsed
+            .version
+            .map(Version::try_from)
+            .transpose()
+            .map_err(|e| unreadable(&e))?
+            .unwrap_or_default();
+        let params = Params::try_from(&parsed).map_err(|e| unreadable(&e))?;
+        let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else {
+            return Err(HashError::Failed(
+                "stored hash has no salt or output".to_owned(),
+            ));
+        };
+        let mut out = vec![0u8; expected.len()];
+        let argon2 = Argon2::new(algorithm, version, params.clone());
+        argon2
+            .hash_password_into_with_memory(password, salt.as_ref(), &mut out, self.memory(&params))
+            .map_err(|e| HashError::Failed(e.to_string()))?;
+        // `Output`'s equality is constant-time.
+        let computed = Output::new(&out).map_err(|e| HashError::Failed(e.to_string()))?;
+        if computed != *expected {
+            return Ok(VerifyOutcome::Mismatch);
+        }
+        let needs_rehash = algorithm != Algorithm::Argon2id
+            || version != Version::V0x13
+            || params.m_cost() != self.params.m_cost()
+            || params.t_cost() != self.params.t_cost()
+            || params.p_cost() != self.params.p_cost();
+        Ok(VerifyOutcome::Match { needs_rehash })
+    }
 }
 
 fn random_password() -> String {
@@ -315,6 +367,39 @@ mod tests {
                 .unwrap(),
             VerifyOutcome::Match { needs_rehash: true }
         );
+    }
+
+    #[test]
+    fn hashes_interoperate_with_the_standard_phc_implementation() {
+        use argon2::{PasswordHasher as _, PasswordVerifier as _};
+        let params = Params::new(64, 1, 1, None).unwrap();
+        let mut ours = Hashing::new(params.clone());
+        let standard = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+
+        let phc = ours.hash(b"correct horse battery staple").unwrap();
+        assert!(
+            standard
+                .verify_password(b"correct horse battery staple", phc.as_str())
+                .is_ok()
+        );
+        assert!(standard.verify_password(b"wrong", phc.as_str()).is_err());
+
+        let theirs = standard
+            .hash_password_with_salt(b"correct horse battery staple", b"saltsaltsaltsalt")
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            ours.verify(b"correct horse battery staple", &theirs)
+                .unwrap(),
+            VerifyOutcome::Match {
+                needs_rehash: false
+            }
+        );
+        assert_eq!(
+            ours.verify(b"wrong", &theirs).unwrap(),
+            VerifyOutcome::Mismatch
+        );
+        assert!(ours.verify(b"x", "not a phc string").is_err());
     }
 
     #[tokio::test]

@@ -372,21 +372,7 @@ impl HttpResponse {
 
 /// `GET http://<addr><path>` over a fresh HTTP/1.1 connection.
 pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
-    use http_body_util::BodyExt as _;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
-    let uri: http::Uri = format!("http://{addr}{path}").parse().expect("valid uri");
-    let response = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
-        .await
-        .expect("response within 10s")
-        .expect("HTTP request");
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.expect("read body").to_bytes().to_vec();
-    HttpResponse {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    http_request(addr, "GET", path, &[], Vec::new()).await
 }
 
 /// Installs the process-wide tracing subscriber and tracer provider `main` installs (nothing

@@ -492,6 +492,7 @@ async fn list_roles(
     }))
 }
 
+/// `PUT` gives the role (idempotently), `DELETE` takes it.
 async fn assign_role(
     State(state): State<AppState>,
     context: RequestContext,

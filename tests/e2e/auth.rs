@@ -889,3 +889,114 @@ async fn throttling_holds_without_redis() {
     );
     auth.stop().await;
 }
+
+#[tokio::test]
+async fn pruning_removes_only_what_retention_allows() {
+    let auth = Auth::start(&[]).await;
+    let email = unique_email();
+    auth.register(&email).await;
+    let live = auth.login(&email, PASSWORD).await.expect("login");
+    let revoked = auth.login(&email, PASSWORD).await.expect("login");
+    let expired = auth.login(&email, PASSWORD).await.expect("login");
+    auth.client
+        .clone()
+        .logout(bearer(pb::LogoutRequest::default(), &revoked.access_token))
+        .await
+        .expect("logout");
+    // Two rotations of the live session: two rotated tokens, one of them old.
+    let first = auth.refresh(&live.refresh_token).await.expect("rotate");
+    let current = auth.refresh(&first.refresh_token).await.expect("rotate");
+
+    let mut db = auth.db().await;
+    let sid = |token: &str| {
+        let claims: serde_json::Value =
+            serde_json::from_slice(&base64_decode(token.split('.').nth(1).expect("payload")))
+                .expect("claims");
+        uuid::Uuid::parse_str(claims["sid"].as_str().expect("sid")).expect("uuid")
+    };
+    for (sql, id) in [
+        (
+            "update sessions set revoked_at = now() - interval '40 days' where id = $1",
+            sid(&revoked.access_token),
+        ),
+        (
+            "update sessions set expires_at = now() - interval '40 days' where id = $1",
+            sid(&expired.access_token),
+        ),
+    ] {
+        sqlx::query(sql)
+            .bind(id)
+            .execute(&mut db)
+            .await
+            .expect("age a session");
+    }
+    sqlx::query(
+        "update refresh_tokens set rotated_at = now() - interval '10 days'
+         where token_hash = (select token_hash from refresh_tokens
+                             where rotated_at is not null order by issued_at limit 1)",
+    )
+    .execute(&mut db)
+    .await
+    .expect("age a rotated token");
+    let aged_audit = sqlx::query(
+        "update audit_events set occurred_at = now() - interval '200 days' where kind = 'user_registered'",
+    )
+    .execute(&mut db)
+    .await
+    .expect("age audit rows")
+    .rows_affected();
+    assert_eq!(aged_audit, 1);
+
+    let store = auth::store::Store::new(
+        sqlx::PgPool::connect(&auth.database_url)
+            .await
+            .expect("pool"),
+    );
+    let days = |d: f64| d * 24.0 * 3600.0;
+    let idle = days(30.0);
+
+    // While another replica holds the lock, this one does nothing.
+    let mut other = auth.db().await;
+    sqlx::query("select pg_advisory_lock(7022647185866126702)")
+        .execute(&mut other)
+        .await
+        .expect("lock");
+    let skipped = store
+        .prune(days(30.0), idle, days(7.0), days(180.0), 1)
+        .await
+        .expect("prune");
+    assert_eq!(skipped, None);
+    sqlx::query("select pg_advisory_unlock(7022647185866126702)")
+        .execute(&mut other)
+        .await
+        .expect("unlock");
+
+    // Batches of one row exercise the loops.
+    let counts = store
+        .prune(days(30.0), idle, days(7.0), days(180.0), 1)
+        .await
+        .expect("prune")
+        .expect("lock taken");
+    assert_eq!(counts.sessions, 2, "the revoked and the expired session");
+    // The old rotated token, plus the tokens of the two deleted sessions went by cascade.
+    assert_eq!(counts.refresh_tokens, 1);
+    assert_eq!(counts.audit_events, 1);
+
+    let sessions: i64 = sqlx::query_scalar("select count(*) from sessions")
+        .fetch_one(&mut db)
+        .await
+        .expect("count");
+    assert_eq!(sessions, 1, "only the live session remains");
+    auth.refresh(&current.refresh_token)
+        .await
+        .expect("the live session still refreshes");
+
+    auth.stop().await;
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .expect("base64url")
+}

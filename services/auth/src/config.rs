@@ -7,7 +7,10 @@ use platform::{
 };
 use tokio::net::TcpListener;
 
-use crate::{SPEC, password::HasherConfig, throttle::ThrottleConfig, tokens::RefreshTokens};
+use crate::{
+    SPEC, password::HasherConfig, retention::RetentionConfig, throttle::ThrottleConfig,
+    tokens::RefreshTokens,
+};
 
 /// Everything the auth service reads from its environment (`AUTH_*`).
 #[derive(Debug, Clone)]
@@ -16,6 +19,7 @@ pub struct Config {
     pub tokens: TokenConfig,
     pub hasher: HasherConfig,
     pub throttle: ThrottleConfig,
+    pub retention: RetentionConfig,
 }
 
 /// Token and session settings.
@@ -179,6 +183,7 @@ impl GrpcService for Config {
             tokens: TokenConfig::from_env(env),
             hasher: HasherConfig::from_env(env),
             throttle: ThrottleConfig::from_env(env),
+            retention: RetentionConfig::from_env(env),
         }
     }
 

@@ -14,6 +14,8 @@ pub mod error;
 pub mod grpc;
 /// argon2id on a bounded pool of worker threads.
 pub mod password;
+/// Scheduled pruning of ended sessions, rotated refresh tokens and old audit rows.
+pub mod retention;
 /// All of auth's SQL.
 pub mod store;
 /// Failed-login counters per account and per IP, in Redis with a local fallback.
@@ -63,8 +65,14 @@ pub async fn serve(
         config.service.redis.clone(),
         config.throttle,
     );
+    let store = store::Store::new(resources.db.clone());
+    let pruning = tokio::spawn(retention::run(
+        store.clone(),
+        config.retention,
+        config.tokens.session_idle_timeout,
+    ));
     let api = grpc::AuthApi::new(
-        store::Store::new(resources.db.clone()),
+        store,
         hasher,
         issuer,
         refresh,
@@ -72,7 +80,7 @@ pub async fn serve(
         config.tokens.clone(),
     )?;
     let routes = Routes::new(auth_service_server::AuthServiceServer::new(api));
-    service::serve(
+    let served = service::serve(
         &SPEC,
         &config.service,
         &resources,
@@ -80,7 +88,9 @@ pub async fn serve(
         listener,
         shutdown,
     )
-    .await
+    .await;
+    pruning.abort();
+    served
 }
 
 /// `auth grant-role EMAIL ROLE`: applies migrations, then gives the account the role. How

@@ -690,3 +690,116 @@ pub enum BulkOutcome {
     /// Zero-based indexes of the pairs naming an unknown user or role.
     Unknown(Vec<i32>),
 }
+
+/// Rows deleted by one pruning run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PruneCounts {
+    pub sessions: u64,
+    pub refresh_tokens: u64,
+    pub audit_events: u64,
+}
+
+/// Advisory-lock key that lets one replica prune at a time.
+const PRUNE_LOCK: i64 = 0x6175_7468_7072_756e;
+
+impl Store {
+    /// Deletes, in batches of `batch`: sessions ended more than `ended_keep` seconds ago (their
+    /// refresh tokens go with them), refresh tokens rotated more than `rotated_keep` ago, and
+    /// audit rows older than `audit_keep`. `None` when another replica holds the lock.
+    pub async fn prune(
+        &self,
+        ended_keep: f64,
+        idle_timeout: f64,
+        rotated_keep: f64,
+        audit_keep: f64,
+        batch: i64,
+    ) -> Result<Option<PruneCounts>, sqlx::Error> {
+        let mut conn = self.db.acquire().await?;
+        let locked = sqlx::query_scalar!(
+            r#"select pg_try_advisory_lock($1) as "locked!""#,
+            PRUNE_LOCK
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        if !locked {
+            return Ok(None);
+        }
+        let full = |done: u64| i64::try_from(done).unwrap_or(i64::MAX) >= batch;
+        let pruned = async {
+            let mut counts = PruneCounts::default();
+            loop {
+                let done = sqlx::query!(
+                    r#"
+                    delete from sessions where id in (
+                        select id from sessions
+                        where coalesce(revoked_at,
+                                       least(expires_at, last_used_at + make_interval(secs => $2)))
+                              < now() - make_interval(secs => $1)
+                        limit $3
+                    )
+                    "#,
+                    ended_keep,
+                    idle_timeout,
+                    batch,
+                )
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                counts.sessions += done;
+                if !full(done) {
+                    break;
+                }
+            }
+            loop {
+                let done = sqlx::query!(
+                    r#"
+                    delete from refresh_tokens where token_hash in (
+                        select token_hash from refresh_tokens
+                        where rotated_at < now() - make_interval(secs => $1)
+                        limit $2
+                    )
+                    "#,
+                    rotated_keep,
+                    batch,
+                )
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                counts.refresh_tokens += done;
+                if !full(done) {
+                    break;
+                }
+            }
+            loop {
+                let done = sqlx::query!(
+                    r#"
+                    delete from audit_events where id in (
+                        select id from audit_events
+                        where occurred_at < now() - make_interval(secs => $1)
+                        limit $2
+                    )
+                    "#,
+                    audit_keep,
+                    batch,
+                )
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                counts.audit_events += done;
+                if !full(done) {
+                    break;
+                }
+            }
+            Ok::<_, sqlx::Error>(counts)
+        }
+        .await;
+        // Session-level lock: released explicitly, whatever happened above.
+        let _ = sqlx::query_scalar!(
+            r#"select pg_advisory_unlock($1) as "unlocked!""#,
+            PRUNE_LOCK
+        )
+        .fetch_one(&mut *conn)
+        .await;
+        pruned.map(Some)
+    }
+}

@@ -303,7 +303,7 @@ impl Inner {
             && token.session_live
             && self
                 .store
-                .is_current_token(token.session_id, &successor_hash)
+                .was_issued_to(token.session_id, &successor_hash)
                 .await?
         {
             // The same successor the first caller got: a client that lost that response

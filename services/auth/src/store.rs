@@ -281,8 +281,10 @@ impl Store {
         }))
     }
 
-    /// Whether `token` is a stored, not yet rotated token of `session_id`.
-    pub async fn is_current_token(
+    /// Whether `token` was issued to `session_id`, rotated since or not: a duplicate within
+    /// the grace window is answered with the successor even if that has moved on, and then
+    /// its own duplicate gets the next one.
+    pub async fn was_issued_to(
         &self,
         session_id: Uuid,
         token: &TokenHash,

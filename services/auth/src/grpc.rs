@@ -184,13 +184,14 @@ impl Inner {
                 .as_ref()
                 .map_or(body.email.trim().to_lowercase().as_str(), |e| e.as_str()),
         );
-        if let Verdict::Blocked { scope, retry_after } =
-            self.throttle.check(&account, &client.ip_address).await
-        {
-            tracing::warn!(?scope, ?retry_after, "login throttled");
-            self.store.record_login_throttled(&client).await?;
-            return Err(AuthError::LoginThrottled { retry_after });
-        }
+        let earlier_failures = match self.throttle.check(&account, &client.ip_address).await {
+            Verdict::Allowed { account_failures } => account_failures,
+            Verdict::Blocked { scope, retry_after } => {
+                tracing::warn!(?scope, ?retry_after, "login throttled");
+                self.store.record_login_throttled(&client).await?;
+                return Err(AuthError::LoginThrottled { retry_after });
+            }
+        };
         let credentials = match &email {
             Some(email) => self.store.credentials(email.as_str()).await?,
             None => None,
@@ -211,7 +212,9 @@ impl Inner {
                 return Err(AuthError::InvalidCredentials);
             }
         };
-        self.throttle.record_success(&account).await;
+        if earlier_failures > 0 {
+            self.throttle.record_success(&account).await;
+        }
         if !credentials.active {
             return Err(AuthError::AccountDisabled);
         }

@@ -79,8 +79,15 @@ impl Scope {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    Allowed,
-    Blocked { scope: Scope, retry_after: Duration },
+    /// Carries the account's failures so far: a success clears them only when there are any,
+    /// sparing the usual login a round trip.
+    Allowed {
+        account_failures: u32,
+    },
+    Blocked {
+        scope: Scope,
+        retry_after: Duration,
+    },
 }
 
 /// How long Redis is skipped after it failed.
@@ -143,7 +150,7 @@ impl LoginThrottle {
                 retry_after: ip_ttl,
             }
         } else {
-            Verdict::Allowed
+            Verdict::Allowed { account_failures }
         };
         if let Verdict::Blocked { scope, .. } = verdict {
             metrics::counter!("auth_login_throttled_total", "scope" => scope.label()).increment(1);

@@ -10,8 +10,10 @@
 mod auth;
 mod gateway_auth;
 mod gateway_edge;
+mod idempotency;
 mod identity;
 mod lifecycle;
 mod observability;
 mod pools;
+mod rate_limits;
 mod stack;

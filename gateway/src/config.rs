@@ -62,6 +62,8 @@ impl Config {
                 connect_timeout: env
                     .duration_or("UPSTREAM_CONNECT_TIMEOUT", defaults.connect_timeout),
                 request_timeout: env.duration_or("UPSTREAM_TIMEOUT", defaults.request_timeout),
+                resolve_interval: env
+                    .duration_or("UPSTREAM_RESOLVE_INTERVAL", defaults.resolve_interval),
             },
             edge: EdgeConfig::from_env(env),
             redis: RedisConfig::from_env(env, "gateway:"),

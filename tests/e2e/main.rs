@@ -8,6 +8,7 @@
 )]
 
 mod auth;
+mod balance;
 mod gateway_auth;
 mod gateway_edge;
 mod idempotency;

@@ -541,12 +541,14 @@ fn error_code(error: &(dyn std::error::Error + 'static)) -> Code {
     Code::Unknown
 }
 
-/// Client-side timeouts for calls to another service.
+/// Client settings for calls to another service.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Default deadline per call when the caller sets none.
     pub request_timeout: Duration,
+    /// How often a service name is resolved again to follow its replicas.
+    pub resolve_interval: Duration,
 }
 
 impl Default for ClientConfig {
@@ -554,23 +556,62 @@ impl Default for ClientConfig {
         Self {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
+            resolve_interval: Duration::from_secs(5),
         }
     }
 }
 
-/// A channel to `url` that connects on first use, so start-up order does not matter.
-pub fn lazy_channel(
+/// The endpoint every client connection is built from: timeouts, no Nagle, keep-alive.
+pub(crate) fn endpoint(
     url: &str,
     config: ClientConfig,
-) -> Result<TracedChannel, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(url.to_owned())?
+) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_owned())?
         .connect_timeout(config.connect_timeout)
         .timeout(config.request_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
-    Ok(Traced::new(channel))
+        .keep_alive_while_idle(true))
+}
+
+/// A channel to `url` that connects on first use, so start-up order does not matter. When
+/// the host is a name (a headless Service, say), calls are balanced per request across
+/// every address it resolves to, followed as replicas come and go (see
+/// [`crate::balance`]); an address literal is one connection.
+pub fn lazy_channel(
+    url: &str,
+    config: ClientConfig,
+) -> Result<TracedChannel, tonic::transport::Error> {
+    lazy_channel_with(url, config, Arc::new(crate::balance::SystemResolver))
+}
+
+/// [`lazy_channel`] with the caller's resolver (tests stand replicas on loopback addresses
+/// behind one).
+pub fn lazy_channel_with(
+    url: &str,
+    config: ClientConfig,
+    resolver: Arc<dyn crate::balance::Resolver>,
+) -> Result<TracedChannel, tonic::transport::Error> {
+    let endpoint = endpoint(url, config)?;
+    let uri = endpoint.uri();
+    let named_host = uri.host().filter(|host| {
+        host.trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_err()
+    });
+    match (named_host, tokio::runtime::Handle::try_current()) {
+        (Some(host), Ok(_)) => {
+            let target = crate::balance::Target {
+                scheme: uri.scheme_str().unwrap_or("http").to_owned(),
+                host: host.to_owned(),
+                port: uri.port_u16().unwrap_or(80),
+            };
+            Ok(Traced::new(crate::balance::balanced(
+                target, config, resolver,
+            )))
+        }
+        _ => Ok(Traced::new(endpoint.connect_lazy())),
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 
 /// Access-token claims and local verification against the published key set.
 pub mod access_token;
+/// Per-request balancing across the replicas behind one name, following DNS and health.
+pub mod balance;
 /// `main` for every binary: settings, telemetry, `serve` / `migrate`.
 pub mod cli;
 /// Typed settings from prefixed environment variables; every problem reported at once.

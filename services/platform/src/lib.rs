@@ -4,6 +4,8 @@
 
 /// Access-token claims and local verification against the published key set.
 pub mod access_token;
+/// The two-level cache (in-process + Redis) with cross-replica invalidation and a breaker.
+pub mod cache;
 /// `main` for every binary: settings, telemetry, `serve` / `migrate`.
 pub mod cli;
 /// Typed settings from prefixed environment variables; every problem reported at once.

@@ -13,4 +13,5 @@ mod gateway_edge;
 mod lifecycle;
 mod observability;
 mod pools;
+mod profile;
 mod stack;

@@ -273,11 +273,12 @@ impl Stack {
 
     /// The set with `AUTH_<name>` overrides for the auth service.
     pub async fn start_with(infra: &Infra, auth_extra: &[(&str, &str)]) -> Self {
-        let ((auth_config, auth), profile, notes) = tokio::join!(
+        // Profile calls auth, so it starts knowing auth's address.
+        let ((auth_config, auth), notes) = tokio::join!(
             start_service_with_config::<auth::Config>(infra, auth_extra),
-            start_service::<profile::Config>(infra, &[]),
             start_service::<notes::Config>(infra, &[]),
         );
+        let profile = start_service::<profile::Config>(infra, &[("AUTH_URL", &auth.url())]).await;
         let gateway = start_gateway(&[
             ("AUTH_URL", &auth.url()),
             ("PROFILE_URL", &profile.url()),

@@ -38,7 +38,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bb8_redis::bb8;
 use futures::StreamExt as _;
 use prost::Message;
 use tracing::Instrument as _;
@@ -129,6 +128,10 @@ struct BusInner {
     /// Invalidations that could not reach Redis, replayed when it answers again.
     pending: Mutex<Pending>,
     subscribed: AtomicBool,
+    /// A seqlock over recoveries: odd while pending invalidations are being replayed. An L2
+    /// read that overlaps a replay may have read a value the replay deletes, so it is not
+    /// trusted.
+    recovery: AtomicU64,
     fill_script: redis::Script,
 }
 
@@ -163,6 +166,7 @@ impl CacheBus {
                 caches: RwLock::new(Vec::new()),
                 pending: Mutex::new(Pending::default()),
                 subscribed: AtomicBool::new(false),
+                recovery: AtomicU64::new(0),
                 fill_script: redis::Script::new(FILL_SCRIPT),
             }),
         };
@@ -210,16 +214,32 @@ impl CacheBus {
     }
 
     /// Runs one Redis call through the breaker and the timeout; `None` when Redis is skipped
-    /// or fails (logged, counted, and the breaker opened).
+    /// or fails (logged, counted, and the breaker opened). The call that finds Redis back
+    /// first replays the invalidations it missed.
     async fn redis<T, F, Fut>(&self, what: &'static str, call: F) -> Option<T>
     where
-        F: FnOnce(bb8::PooledConnection<'static, bb8_redis::RedisConnectionManager>) -> Fut,
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        if !self.inner.breaker.allow() {
+            return None;
+        }
+        let value = self.call(what, call).await?;
+        if self.inner.breaker.succeeded() {
+            tracing::info!("redis answers again: caching resumes");
+            self.recover().await;
+        }
+        Some(value)
+    }
+
+    /// One Redis call bounded by the timeout, failures recorded (the breaker opens), without
+    /// the breaker's permission: for [`CacheBus::redis`] and replays.
+    async fn call<T, F, Fut>(&self, what: &'static str, call: F) -> Option<T>
+    where
+        F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let inner = &self.inner;
-        if !inner.breaker.allow() {
-            return None;
-        }
         let span = tracing::debug_span!("redis", otel.name = what, db.system = "redis");
         let result = tokio::time::timeout(inner.settings.redis_timeout, async {
             let connection = inner
@@ -232,13 +252,7 @@ impl CacheBus {
         .instrument(span)
         .await;
         match result {
-            Ok(Ok(value)) => {
-                if inner.breaker.succeeded() {
-                    tracing::info!("redis answers again: caching resumes");
-                    self.replay_pending();
-                }
-                Some(value)
-            }
+            Ok(Ok(value)) => Some(value),
             Ok(Err(error)) => {
                 self.failed(what, &error);
                 None
@@ -275,8 +289,9 @@ impl CacheBus {
         }
     }
 
-    /// Sends the invalidations that failed while Redis was down, in the background.
-    fn replay_pending(&self) {
+    /// Sends the invalidations that failed while Redis was down, before anything read from
+    /// Redis since it came back is trusted (see `recovery`).
+    async fn recover(&self) {
         let taken = match self.inner.pending.lock() {
             Ok(mut pending) => std::mem::take(&mut *pending),
             Err(_) => return,
@@ -284,25 +299,42 @@ impl CacheBus {
         if taken.keys.is_empty() && !taken.overflowed {
             return;
         }
-        let bus = self.clone();
-        tokio::spawn(async move {
-            let caches = bus.locals();
-            if taken.overflowed {
-                for cache in &caches {
-                    bus.bump_generation(cache.name(), cache.gen_key()).await;
+        self.inner.recovery.fetch_add(1, Ordering::AcqRel);
+        let caches = self.locals();
+        if taken.overflowed {
+            tracing::info!("too many invalidations missed: dropping every cached generation");
+            for cache in &caches {
+                let call = generation_bump(&self.inner.channel, cache.name(), cache.gen_key());
+                if self.call("cache.invalidate_all", call).await.is_none() {
+                    self.remember(cache.name(), None);
                 }
-                return;
             }
+        } else {
             tracing::info!(
                 count = taken.keys.len(),
                 "replaying invalidations Redis missed"
             );
             for (name, key) in taken.keys {
                 if let Some(cache) = caches.iter().find(|c| c.name() == name) {
-                    bus.invalidate_remote(name, &key, cache.keys(&key)).await;
+                    let call = invalidation(&self.inner.channel, name, &key, cache.keys(&key));
+                    if self.call("cache.invalidate", call).await.is_none() {
+                        self.remember(name, Some(&key));
+                    }
                 }
             }
-        });
+        }
+        self.inner.recovery.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A token for [`CacheBus::trusted_since`]: taken before an L2 read.
+    fn recovery_token(&self) -> u64 {
+        self.inner.recovery.load(Ordering::Acquire)
+    }
+
+    /// Whether an L2 read that started at `token` overlapped no replay of missed
+    /// invalidations.
+    fn trusted_since(&self, token: u64) -> bool {
+        token.is_multiple_of(2) && self.recovery_token() == token
     }
 
     fn locals(&self) -> Vec<Arc<dyn LocalLevel>> {
@@ -313,48 +345,18 @@ impl CacheBus {
             .unwrap_or_default()
     }
 
-    /// Bumps the key's counter, deletes its value and tells every replica, atomically.
+    /// Bumps the key's counter, deletes its value and tells every replica, atomically; kept
+    /// for a replay when Redis cannot be reached.
     async fn invalidate_remote(&self, cache: &'static str, key: &str, keys: L2Keys) {
-        let message = format!("k{cache}|{key}");
-        let channel = self.inner.channel.clone();
-        let inv_ttl = keys.inv_ttl_ms;
-        let done = self
-            .redis("cache.invalidate", move |mut conn| async move {
-                redis::pipe()
-                    .atomic()
-                    .incr(&keys.inv, 1)
-                    .ignore()
-                    .pexpire(&keys.inv, inv_ttl)
-                    .ignore()
-                    .del(&keys.value)
-                    .ignore()
-                    .publish(&channel, message)
-                    .ignore()
-                    .query_async::<()>(&mut *conn)
-                    .await
-            })
-            .await;
-        if done.is_none() {
+        let call = invalidation(&self.inner.channel, cache, key, keys);
+        if self.redis("cache.invalidate", call).await.is_none() {
             self.remember(cache, Some(key));
         }
     }
 
     async fn bump_generation(&self, cache: &'static str, gen_key: String) {
-        let message = format!("a{cache}|");
-        let channel = self.inner.channel.clone();
-        let done = self
-            .redis("cache.invalidate_all", move |mut conn| async move {
-                redis::pipe()
-                    .atomic()
-                    .incr(&gen_key, 1)
-                    .ignore()
-                    .publish(&channel, message)
-                    .ignore()
-                    .query_async::<()>(&mut *conn)
-                    .await
-            })
-            .await;
-        if done.is_none() {
+        let call = generation_bump(&self.inner.channel, cache, gen_key);
+        if self.redis("cache.invalidate_all", call).await.is_none() {
             self.remember(cache, None);
         }
     }
@@ -377,6 +379,57 @@ impl CacheBus {
         for cache in self.locals() {
             cache.clear();
         }
+    }
+}
+
+type Connection = bb8::PooledConnection<'static, crate::redis_pool::RedisManager>;
+
+/// The atomic invalidation of one key: bump its counter, delete its value, tell everyone.
+fn invalidation(
+    channel: &str,
+    cache: &'static str,
+    key: &str,
+    keys: L2Keys,
+) -> impl FnOnce(Connection) -> futures::future::BoxFuture<'static, redis::RedisResult<()>> {
+    let message = format!("k{cache}|{key}");
+    let channel = channel.to_owned();
+    move |mut conn| {
+        Box::pin(async move {
+            redis::pipe()
+                .atomic()
+                .incr(&keys.inv, 1)
+                .ignore()
+                .pexpire(&keys.inv, keys.inv_ttl_ms)
+                .ignore()
+                .del(&keys.value)
+                .ignore()
+                .publish(&channel, message)
+                .ignore()
+                .query_async::<()>(&mut *conn)
+                .await
+        })
+    }
+}
+
+/// The atomic invalidation of a whole cache: bump its generation, tell everyone.
+fn generation_bump(
+    channel: &str,
+    cache: &'static str,
+    gen_key: String,
+) -> impl FnOnce(Connection) -> futures::future::BoxFuture<'static, redis::RedisResult<()>> {
+    let message = format!("a{cache}|");
+    let channel = channel.to_owned();
+    move |mut conn| {
+        Box::pin(async move {
+            redis::pipe()
+                .atomic()
+                .incr(&gen_key, 1)
+                .ignore()
+                .publish(&channel, message)
+                .ignore()
+                .query_async::<()>(&mut *conn)
+                .await
+        })
     }
 }
 
@@ -422,6 +475,8 @@ async fn listen(bus: std::sync::Weak<BusInner>) {
                 // Whatever was published while we were away is lost: start clean.
                 handle.clear_all_local();
                 handle.inner.subscribed.store(true, Ordering::Relaxed);
+                // Redis is back for us: send what it missed before the next read trusts it.
+                handle.recover().await;
                 metrics::gauge!("cache_invalidation_subscribed").set(1.0);
                 tracing::info!("listening for cache invalidations");
                 let (mut sink, mut stream) = pubsub.split();
@@ -614,6 +669,7 @@ where
         metrics::counter!("cache_requests_total", "cache" => name, "level" => "l1", "result" => "miss").increment(1);
         let keys = self.local.keys(key);
         let read_keys = keys.clone();
+        let recovery = self.bus.recovery_token();
         let l2 = self
             .bus
             .redis("cache.get", move |mut conn| async move {
@@ -624,7 +680,8 @@ where
                     .query_async::<(Option<Vec<u8>>, Option<String>, Option<String>)>(&mut *conn)
                     .await
             })
-            .await;
+            .await
+            .filter(|_| self.bus.trusted_since(recovery));
         let (seen_inv, seen_gen) = match &l2 {
             Some((blob, inv, generation)) => {
                 let generation = generation.clone().unwrap_or_else(|| "0".to_owned());

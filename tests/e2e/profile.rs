@@ -527,9 +527,29 @@ async fn an_admin_subscription_change_reaches_every_replica_and_non_admins_get_4
         ),
         ("POST", "/api/v1/admin/cache/warm", None),
     ] {
+        // Refused at the edge, before any call to profile (which would refuse too).
         let response = send(a, method, path, Some(&token), body).await;
-        assert_problem(&response, 403, "FORBIDDEN");
+        assert_problem(&response, 403, "PERMISSION_DENIED");
     }
+
+    // The service checks for itself too: a user's token straight to profile over gRPC.
+    let mut direct = proto::profile::v1::profile_service_client::ProfileServiceClient::new(
+        set.replicas[0].profile.channel().await,
+    );
+    let mut request = tonic::Request::new(proto::profile::v1::SetSubscriptionRequest {
+        user_id: user_id.clone(),
+        plan_id: "pro".to_owned(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("metadata"),
+    );
+    let refused = direct
+        .set_subscription(request)
+        .await
+        .expect_err("not an admin");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
 
     let set_response = send(a, "PUT", &path, Some(&admin), Some(&body)).await;
     assert_eq!(set_response.status, 200, "{}", set_response.text());
@@ -1058,6 +1078,63 @@ async fn a_hundred_concurrent_reads_of_a_cold_profile_run_one_statement() {
     assert!(
         metrics.contains(r#"cache_requests_total{cache="profile",level="l1",result="hit"}"#),
         "{metrics}"
+    );
+    set.stop().await;
+}
+
+#[tokio::test]
+async fn roles_granted_in_auth_show_in_the_profile_through_the_change_stream() {
+    // Auth data may be cached a minute; the change event must evict it far sooner.
+    let set = ProfileSet::start(2, &[("AUTH_CACHE_TTL", "60s"), ("CACHE_L1_TTL", "10m")]).await;
+    let email = format!("user-{}@example.com", uuid::Uuid::new_v4().simple());
+    let (user_id, token) = set.account(&email, "Grace").await;
+    let (_, admin) = set.admin().await;
+    for replica in [0, 1] {
+        let profile = my_profile(set.gateway(replica), &token).await.json();
+        assert_eq!(profile["roles"], json!([]));
+    }
+    let granted = send(
+        set.gateway(0),
+        "PUT",
+        &format!("/api/v1/admin/users/{user_id}/roles/admin"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(granted.status, 204, "{}", granted.text());
+    // Tokens from before a role change are refused: the client logs in (or refreshes) again.
+    let login = send(
+        set.gateway(0),
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        Some(&json!({"email": email, "password": PASSWORD})),
+    )
+    .await;
+    let fresh = login.json()["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let started = Instant::now();
+    for replica in [0, 1] {
+        eventually(
+            Duration::from_secs(5),
+            "the new role in the profile",
+            || {
+                let fresh = fresh.clone();
+                let addr = set.gateway(replica);
+                async move {
+                    let profile = my_profile(addr, &fresh).await.json();
+                    (profile["roles"] == json!(["admin"])).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
     );
     set.stop().await;
 }

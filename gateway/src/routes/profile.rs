@@ -1,6 +1,7 @@
 //! `/api/v1/auth/profile*`, the catalogs, plans and the admin routes of
-//! `profile.v1.ProfileService`. HTTP bodies are their own types, converted here; the gateway
-//! only forwards the caller's bearer token: profile verifies it.
+//! `profile.v1.ProfileService`. HTTP bodies are their own types, converted here. Every route
+//! verifies the token at the edge ([`SignedIn`], [`Admin`]) and forwards it: profile verifies
+//! it again.
 
 use axum::{
     Router,
@@ -15,7 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     AppState,
-    context::{Deadline, RequestContext},
+    context::{Admin, Deadline, RequestContext, SignedIn},
     error::{ApiError, ErrorCode, FieldError},
     extract::ApiJson,
     routes::auth::rfc3339,
@@ -204,6 +205,7 @@ async fn get_profile(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _signed_in: SignedIn,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     let request = call(&context, deadline, &headers, pb::GetMyProfileRequest {})?;
@@ -300,6 +302,7 @@ async fn update_profile(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _signed_in: SignedIn,
     headers: HeaderMap,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -333,6 +336,7 @@ async fn profile_data(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _signed_in: SignedIn,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     let request = call(&context, deadline, &headers, pb::GetProfileDataRequest {})?;
@@ -498,6 +502,7 @@ async fn profession_types(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _signed_in: SignedIn,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -517,6 +522,7 @@ async fn business_categories(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _signed_in: SignedIn,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -536,6 +542,7 @@ async fn admin_profession_types(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<ApiJson<ProfessionTypesBody>, ApiError> {
@@ -554,6 +561,7 @@ async fn admin_business_categories(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<ApiJson<BusinessCategoriesBody>, ApiError> {
@@ -634,6 +642,7 @@ async fn plans(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _signed_in: SignedIn,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -653,6 +662,7 @@ async fn admin_plans(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<ApiJson<PlansBody>, ApiError> {
@@ -722,6 +732,7 @@ async fn set_subscription(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     Path(user_id): Path<String>,
     ApiJson(body): ApiJson<SubscriptionRequestBody>,
@@ -801,6 +812,7 @@ async fn create_plan(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     ApiJson(mut body): ApiJson<PlanRequestBody>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -823,6 +835,7 @@ async fn update_plan(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<PlanRequestBody>,
@@ -855,6 +868,7 @@ async fn delete_plan(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     Path(plan_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
@@ -894,6 +908,7 @@ async fn create_profession_type(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CatalogEntryRequestBody>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -923,6 +938,7 @@ async fn update_profession_type(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<CatalogEntryRequestBody>,
@@ -956,6 +972,7 @@ async fn delete_profession_type(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     Path(profession_type_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
@@ -973,6 +990,7 @@ async fn create_business_category(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CatalogEntryRequestBody>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -1002,6 +1020,7 @@ async fn update_business_category(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<CatalogEntryRequestBody>,
@@ -1035,6 +1054,7 @@ async fn delete_business_category(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     Path(business_category_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
@@ -1069,6 +1089,7 @@ async fn warm_cache(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {

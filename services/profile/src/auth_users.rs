@@ -4,12 +4,18 @@
 
 use std::sync::Arc;
 
-use platform::cache::{Miss, TwoLevelCache};
-use proto::auth::v1::{self as auth_pb, auth_service_client::AuthServiceClient};
-use tonic::{Code, Request, Status, metadata::MetadataMap};
+use platform::{
+    cache::{Miss, TwoLevelCache},
+    identity::Identity,
+};
+use proto::auth::v1::{
+    self as auth_pb, auth_service_client::AuthServiceClient, watch_changes_response::Event,
+};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Code, Request, Status};
 use uuid::Uuid;
 
-use crate::{caller::Identity, error::ProfileError};
+use crate::error::ProfileError;
 
 #[derive(Debug, Clone)]
 pub struct AuthUsers {
@@ -23,11 +29,7 @@ impl AuthUsers {
     }
 
     /// The user as auth knows them; `None` when auth has no such (live) user.
-    pub async fn get(
-        &self,
-        user_id: Uuid,
-        incoming: &MetadataMap,
-    ) -> Result<Option<Arc<auth_pb::User>>, ProfileError> {
+    pub async fn get(&self, user_id: Uuid) -> Result<Option<Arc<auth_pb::User>>, ProfileError> {
         let key = user_id.to_string();
         let loaded = self
             .cache
@@ -35,7 +37,8 @@ impl AuthUsers {
                 let mut request = Request::new(auth_pb::GetUserRequest {
                     user_id: user_id.to_string(),
                 });
-                self.identity.authorize(&mut request, incoming);
+                // This service's own token: auth lets services read any user.
+                self.identity.authorize(&mut request).await?;
                 let mut client = AuthServiceClient::new(self.identity.auth_channel());
                 match client.get_user(request).await {
                     Ok(response) => Ok(response
@@ -62,6 +65,32 @@ impl AuthUsers {
     /// Drops every cached user (auth's stream was reset).
     pub async fn invalidate_all(&self) {
         self.cache.invalidate_all().await;
+    }
+
+    /// Follows auth's change events until the process ends: a user's changed account or
+    /// roles evict their cached copy on every replica; a reset (or falling behind) drops
+    /// them all. Without events, entries still expire within `PROFILE_AUTH_CACHE_TTL`.
+    pub async fn follow_changes(self) {
+        let mut events = self.identity.subscribe();
+        loop {
+            match events.recv().await {
+                Ok(event) => match &event.event {
+                    Some(Event::UserChanged(changed)) => {
+                        if let Some(user) = &changed.user {
+                            self.invalidate(&user.user_id).await;
+                        }
+                    }
+                    Some(Event::RolesChanged(changed)) => self.invalidate(&changed.user_id).await,
+                    Some(Event::Reset(_)) => self.invalidate_all().await,
+                    _ => {}
+                },
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "fell behind auth's changes: dropping cached users");
+                    self.invalidate_all().await;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
     }
 }
 

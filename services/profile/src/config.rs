@@ -4,6 +4,7 @@ use platform::{
     cache::CacheSettings,
     cli::ShutdownSignal,
     config::Env,
+    identity::IdentityConfig,
     service::{GrpcService, ServiceConfig},
 };
 use tokio::net::TcpListener;
@@ -14,9 +15,9 @@ use crate::SPEC;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub service: ServiceConfig,
-    /// `PROFILE_AUTH_URL` (default `http://127.0.0.1:50051`): the auth service, for the key
+    /// `PROFILE_AUTH_URL`, `PROFILE_AUTH_CLIENT_SECRET`, ...: the auth service, for the key
     /// set, users' email and roles, and its change stream.
-    pub auth_url: String,
+    pub identity: IdentityConfig,
     pub cache: CacheConfig,
     pub warming: WarmingConfig,
 }
@@ -125,7 +126,7 @@ impl GrpcService for Config {
     fn from_env(env: &Env) -> Self {
         Self {
             service: ServiceConfig::from_env(&SPEC, env),
-            auth_url: env.or("AUTH_URL", "http://127.0.0.1:50051".to_owned()),
+            identity: IdentityConfig::from_env(env),
             cache: CacheConfig::from_env(env),
             warming: WarmingConfig::from_env(env),
         }
@@ -151,6 +152,10 @@ mod tests {
             [
                 ("PROFILE_DATABASE_URL", "postgres://app@127.0.0.1:1/profile"),
                 ("PROFILE_REDIS_URL", "redis://127.0.0.1:1/0"),
+                (
+                    "PROFILE_AUTH_CLIENT_SECRET",
+                    "a-secret-of-enough-length-0123456789",
+                ),
                 ("PROFILE_AUTH_CACHE_TTL", "5m"),
                 ("PROFILE_CACHE_L1_TTL", "0s"),
             ],

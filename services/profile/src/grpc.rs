@@ -6,6 +6,7 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use platform::{
     cache::Miss,
+    identity::{Caller, Identity},
     metrics::{PoolFigures, Pools},
 };
 use proto::profile::v1::{self as pb, profile_service_server::ProfileService};
@@ -18,7 +19,6 @@ use crate::{
         self, BUSINESS_CATEGORIES_KEY, CachedProfile, Caches, CatalogList, PLANS_KEY,
         PROFESSION_TYPES_KEY, timestamp,
     },
-    caller::{Caller, Identity},
     config::WarmingConfig,
     domain::{self, FieldViolation, Violations},
     error::ProfileError,
@@ -171,11 +171,10 @@ impl Inner {
     async fn record(
         &self,
         user_id: Uuid,
-        incoming: &MetadataMap,
     ) -> Result<(Arc<CachedProfile>, Arc<proto::auth::v1::User>), ProfileError> {
         let user = self
             .auth_users
-            .get(user_id, incoming)
+            .get(user_id)
             .await?
             .ok_or(ProfileError::UserNotFound)?;
         let key = user_id.to_string();
@@ -210,12 +209,8 @@ impl Inner {
 
     /// The profile as clients see it: the cached record with auth's email and roles, and the
     /// expiry computed now.
-    async fn profile(
-        &self,
-        user_id: Uuid,
-        incoming: &MetadataMap,
-    ) -> Result<pb::Profile, ProfileError> {
-        let (record, user) = self.record(user_id, incoming).await?;
+    async fn profile(&self, user_id: Uuid) -> Result<pb::Profile, ProfileError> {
+        let (record, user) = self.record(user_id).await?;
         Ok(present(&record, &user, Utc::now()))
     }
 
@@ -224,7 +219,6 @@ impl Inner {
         request: Request<pb::UpdateMyProfileRequest>,
     ) -> Result<pb::UpdateMyProfileResponse, ProfileError> {
         let user_id = self.user(request.metadata()).await?;
-        let incoming = request.metadata().clone();
         let body = request.into_inner();
         let update = body.profile.unwrap_or_default();
         let mut violations = Violations::default();
@@ -239,7 +233,7 @@ impl Inner {
             return Err(ProfileError::Invalid(violations.0));
         }
         // The profile exists from here on (created on first read, like GET).
-        self.record(user_id, &incoming).await?;
+        self.record(user_id).await?;
         let expected = body.expected_etag;
         let outcome = self
             .store
@@ -259,7 +253,7 @@ impl Inner {
         }
         self.caches.profiles.invalidate(&user_id.to_string()).await;
         Ok(pb::UpdateMyProfileResponse {
-            profile: Some(self.profile(user_id, &incoming).await?),
+            profile: Some(self.profile(user_id).await?),
         })
     }
 
@@ -362,7 +356,6 @@ impl Inner {
         request: Request<pb::SetSubscriptionRequest>,
     ) -> Result<pb::SetSubscriptionResponse, ProfileError> {
         self.admin(request.metadata()).await?;
-        let incoming = request.metadata().clone();
         let body = request.into_inner();
         let mut violations = Violations::default();
         let user_id = violations.check(domain::id("user_id", &body.user_id));
@@ -407,7 +400,7 @@ impl Inner {
             return Err(ProfileError::Invalid(violations.0));
         };
         // The user must exist in auth; their profile row is created if it is not yet.
-        self.record(user_id, &incoming).await?;
+        self.record(user_id).await?;
         match self
             .store
             .set_subscription(user_id, &plan_id, status, end_date)
@@ -420,7 +413,7 @@ impl Inner {
             }
         }
         self.caches.profiles.invalidate(&user_id.to_string()).await;
-        let profile = self.profile(user_id, &incoming).await?;
+        let profile = self.profile(user_id).await?;
         tracing::info!(%user_id, plan_id, status, "subscription set");
         Ok(pb::SetSubscriptionResponse {
             subscription: profile.subscription,
@@ -998,7 +991,7 @@ impl ProfileService for ProfileApi {
     ) -> Result<Response<pb::GetMyProfileResponse>, Status> {
         let result = async {
             let user_id = self.inner.user(request.metadata()).await?;
-            let profile = self.inner.profile(user_id, request.metadata()).await?;
+            let profile = self.inner.profile(user_id).await?;
             Ok(pb::GetMyProfileResponse {
                 profile: Some(profile),
             })
@@ -1087,7 +1080,7 @@ impl ProfileService for ProfileApi {
         let result = async {
             let user_id = domain::id("user_id", &request.get_ref().user_id)?;
             self.inner.reader_of(request.metadata(), user_id).await?;
-            let profile = self.inner.profile(user_id, request.metadata()).await?;
+            let profile = self.inner.profile(user_id).await?;
             Ok(pb::GetProfileResponse {
                 profile: Some(profile),
             })
@@ -1124,10 +1117,8 @@ impl ProfileService for ProfileApi {
                 return Err(ProfileError::Invalid(violations.0));
             }
             // Each through the cache (memory for the hot ones), concurrently.
-            let metadata = request.metadata();
             let found =
-                futures::future::join_all(ids.iter().map(|id| self.inner.profile(*id, metadata)))
-                    .await;
+                futures::future::join_all(ids.iter().map(|id| self.inner.profile(*id))).await;
             let mut profiles = Vec::with_capacity(found.len());
             for result in found {
                 match result {
@@ -1149,7 +1140,7 @@ impl ProfileService for ProfileApi {
         let result = async {
             let user_id = domain::id("user_id", &request.get_ref().user_id)?;
             self.inner.reader_of(request.metadata(), user_id).await?;
-            let (record, _) = self.inner.record(user_id, request.metadata()).await?;
+            let (record, _) = self.inner.record(user_id).await?;
             Ok(entitlements(&record, Utc::now()))
         }
         .await;

@@ -8,8 +8,6 @@
 pub mod auth_users;
 /// The caches: names, keys, TTLs and encoded shapes, in one place.
 pub mod cache;
-/// Who is calling: token verification, the one place identity is learnt.
-pub mod caller;
 /// Settings (`PROFILE_*` environment variables).
 pub mod config;
 /// Validated inputs and field masks.
@@ -28,6 +26,7 @@ use std::future::Future;
 use platform::{
     cache::CacheBus,
     grpc::ClientConfig,
+    identity::Identity,
     metrics::Pools,
     service::{self, Resources, ServiceSpec},
 };
@@ -56,8 +55,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let resources = Resources::connect(&SPEC, &config.service)?;
-    let auth_channel = platform::grpc::lazy_channel(&config.auth_url, ClientConfig::default())?;
-    let identity = caller::Identity::new(auth_channel);
+    let auth_channel =
+        platform::grpc::lazy_channel(&config.identity.auth_url, ClientConfig::default())?;
+    // Who is calling, verified locally; service tokens for calls to auth; auth's changes.
+    let identity = Identity::start(&config.identity, SPEC.name, auth_channel, true);
     let bus = CacheBus::start(
         resources.redis.clone(),
         &config.service.redis,
@@ -67,7 +68,10 @@ pub async fn serve(
     let store = store::Store::new(resources.db.clone());
     let auth_users = auth_users::AuthUsers::new(identity.clone(), caches.auth_users.clone());
     let activity = warming::Activity::default();
-    let mut background = vec![tokio::spawn(activity.clone().flush_forever(store.clone()))];
+    let mut background = vec![
+        tokio::spawn(activity.clone().flush_forever(store.clone())),
+        tokio::spawn(auth_users.clone().follow_changes()),
+    ];
     if config.warming.on_start {
         background.push(tokio::spawn(warming::warm_at_start(
             store.clone(),

@@ -10,9 +10,11 @@
 mod auth;
 mod gateway_auth;
 mod gateway_edge;
+mod idempotency;
 mod identity;
 mod lifecycle;
 mod observability;
 mod pools;
 mod profile;
+mod rate_limits;
 mod stack;

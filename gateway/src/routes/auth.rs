@@ -3,7 +3,7 @@
 //! signed-in caller verify the token at the edge ([`SignedIn`], [`Admin`]) and forward it:
 //! auth verifies it again.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use axum::{
     Router,
@@ -51,7 +51,7 @@ fn call<T>(
     context: &RequestContext,
     deadline: Deadline,
     headers: &HeaderMap,
-    peer: Option<SocketAddr>,
+    client: Option<IpAddr>,
     message: T,
 ) -> Result<tonic::Request<T>, ApiError> {
     let mut request = context.grpc_request(message, deadline)?;
@@ -69,8 +69,9 @@ fn call<T>(
             })?;
         metadata.insert("authorization", value);
     }
-    // The address is the socket's: a client-sent X-Forwarded-For is not believed.
-    if let Some(value) = peer.and_then(|p| p.ip().to_string().parse().ok()) {
+    // The client address as the edge worked it out: a client-sent X-Forwarded-For is
+    // believed only through trusted proxies.
+    if let Some(value) = client.and_then(|ip| ip.to_string().parse().ok()) {
         metadata.insert("x-forwarded-for", value);
     }
     if let Some(value) = headers

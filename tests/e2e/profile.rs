@@ -1047,7 +1047,12 @@ async fn settled_scans(db: &mut PgConnection) -> i64 {
 
 #[tokio::test]
 async fn a_hundred_concurrent_reads_of_a_cold_profile_run_one_statement() {
-    let mut set = ProfileSet::start(1, &[("WARM_ON_START", "false")]).await;
+    // Nothing else may scan `profiles` meanwhile: no warming, no activity flush.
+    let quiet = [
+        ("WARM_ON_START", "false"),
+        ("ACTIVITY_FLUSH_INTERVAL", "1h"),
+    ];
+    let mut set = ProfileSet::start(1, &quiet).await;
     let (_, token) = set.user().await;
     assert_eq!(my_profile(set.gateway(0), &token).await.status, 200);
     // A replica with a key prefix of its own: both of its levels are cold for this user.

@@ -96,12 +96,16 @@ pub struct WarmingConfig {
     pub max_per_second: u32,
     /// `PROFILE_WARM_MAX_PROFILES` (default 100000): the most profiles one warm-up loads.
     pub max_profiles: u32,
+    /// `PROFILE_ACTIVITY_FLUSH_INTERVAL` (default 1m): how often the users seen reading
+    /// their profile are written to Postgres for warming.
+    pub activity_flush_interval: Duration,
 }
 
 impl WarmingConfig {
     pub const DEFAULT_WINDOW: Duration = Duration::from_secs(24 * 3600);
     pub const DEFAULT_MAX_PER_SECOND: u32 = 200;
     pub const DEFAULT_MAX_PROFILES: u32 = 100_000;
+    pub const DEFAULT_ACTIVITY_FLUSH_INTERVAL: Duration = Duration::from_secs(60);
 
     fn from_env(env: &Env) -> Self {
         let config = Self {
@@ -109,7 +113,17 @@ impl WarmingConfig {
             window: env.duration_or("WARM_WINDOW", Self::DEFAULT_WINDOW),
             max_per_second: env.or("WARM_MAX_PER_SECOND", Self::DEFAULT_MAX_PER_SECOND),
             max_profiles: env.or("WARM_MAX_PROFILES", Self::DEFAULT_MAX_PROFILES),
+            activity_flush_interval: env.duration_or(
+                "ACTIVITY_FLUSH_INTERVAL",
+                Self::DEFAULT_ACTIVITY_FLUSH_INTERVAL,
+            ),
         };
+        if config.activity_flush_interval.is_zero() {
+            env.problem(
+                &env.name("ACTIVITY_FLUSH_INTERVAL"),
+                "must be above 0".to_owned(),
+            );
+        }
         if config.max_per_second == 0 {
             env.problem(
                 &env.name("WARM_MAX_PER_SECOND"),

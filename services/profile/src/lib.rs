@@ -69,7 +69,11 @@ pub async fn serve(
     let auth_users = auth_users::AuthUsers::new(identity.clone(), caches.auth_users.clone());
     let activity = warming::Activity::default();
     let mut background = vec![
-        tokio::spawn(activity.clone().flush_forever(store.clone())),
+        tokio::spawn(
+            activity
+                .clone()
+                .flush_forever(store.clone(), config.warming.activity_flush_interval),
+        ),
         tokio::spawn(auth_users.clone().follow_changes()),
     ];
     if config.warming.on_start {

@@ -15,8 +15,6 @@ use crate::{
     store::Store,
 };
 
-/// Users recorded as active are written to Postgres this often.
-const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
 /// At most this many users wait in memory; past it a flush is due at once.
 const PENDING_MAX: usize = 50_000;
 /// Users per statement when flushing; profiles per tick when warming.
@@ -52,12 +50,12 @@ impl Activity {
             .unwrap_or_default()
     }
 
-    /// Writes what was recorded every [`FLUSH_INTERVAL`] (or sooner when full), until the
-    /// process ends.
-    pub async fn flush_forever(self, store: Store) {
+    /// Writes what was recorded every `interval` (or sooner when full), until the process
+    /// ends.
+    pub async fn flush_forever(self, store: Store, interval: Duration) {
         loop {
             tokio::select! {
-                () = tokio::time::sleep(FLUSH_INTERVAL) => {}
+                () = tokio::time::sleep(interval) => {}
                 () = self.full.notified() => {}
             }
             let users = self.take();

@@ -1143,3 +1143,224 @@ async fn roles_granted_in_auth_show_in_the_profile_through_the_change_stream() {
     );
     set.stop().await;
 }
+
+/// A gRPC request to profile with `token` as its bearer.
+fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("metadata"),
+    );
+    request
+}
+
+#[tokio::test]
+async fn internal_callers_read_entitlements_and_batches_with_a_service_token() {
+    use proto::{
+        auth::v1 as auth_pb,
+        profile::v1::{self as pb, profile_service_client::ProfileServiceClient},
+    };
+    let set = ProfileSet::start(1, &[]).await;
+    let (user_id, token) = set.user().await;
+    let (other_id, other) = set.user().await;
+    let (_, admin) = set.admin().await;
+    // The notes service's own token, as notes gets it.
+    let mut auth = auth_pb::auth_service_client::AuthServiceClient::new(set.auth.channel().await);
+    let service = auth
+        .issue_service_token(auth_pb::IssueServiceTokenRequest {
+            service_name: "notes".to_owned(),
+            client_secret: e2e::test_client_secret("notes"),
+            ..Default::default()
+        })
+        .await
+        .expect("a service token")
+        .into_inner()
+        .access_token;
+    let mut profile = ProfileServiceClient::new(set.replicas[0].profile.channel().await);
+
+    // A service reads any user's entitlements, creating the profile on first read.
+    let entitlements = profile
+        .get_entitlements(bearer(
+            pb::GetEntitlementsRequest {
+                user_id: user_id.clone(),
+            },
+            &service,
+        ))
+        .await
+        .expect("entitlements")
+        .into_inner();
+    assert_eq!(entitlements.plan_id, "free");
+    assert_eq!(entitlements.ai_daily_limit, 3);
+    assert_eq!(entitlements.features, ["ai_generation"]);
+    assert!(!entitlements.is_expired && !entitlements.is_customer);
+
+    // An expired paid plan grants the default plan's entitlements.
+    let path = format!("/api/v1/admin/users/{user_id}/subscription");
+    let expired = json!({"plan_id": "pro", "end_date": "2001-01-01T00:00:00Z"});
+    assert_eq!(
+        send(set.gateway(0), "PUT", &path, Some(&admin), Some(&expired))
+            .await
+            .status,
+        200
+    );
+    let entitlements = profile
+        .get_entitlements(bearer(
+            pb::GetEntitlementsRequest {
+                user_id: user_id.clone(),
+            },
+            &service,
+        ))
+        .await
+        .expect("entitlements")
+        .into_inner();
+    assert_eq!(entitlements.plan_id, "pro");
+    assert!(entitlements.is_expired && entitlements.is_customer);
+    assert_eq!(entitlements.ai_daily_limit, 3, "the default plan's");
+
+    // Users see their own, and nobody else's (as if it did not exist).
+    let theirs = profile
+        .get_entitlements(bearer(
+            pb::GetEntitlementsRequest {
+                user_id: user_id.clone(),
+            },
+            &other,
+        ))
+        .await
+        .expect_err("another user's");
+    assert_eq!(theirs.code(), tonic::Code::NotFound);
+    assert!(
+        profile
+            .get_profile(bearer(
+                pb::GetProfileRequest {
+                    user_id: user_id.clone()
+                },
+                &token
+            ))
+            .await
+            .is_ok()
+    );
+
+    // Batches: service or admin; unknown ids skipped, request order kept.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let batch = profile
+        .batch_get_profiles(bearer(
+            pb::BatchGetProfilesRequest {
+                user_ids: vec![other_id.clone(), unknown, user_id.clone()],
+            },
+            &service,
+        ))
+        .await
+        .expect("batch")
+        .into_inner();
+    let ids: Vec<&str> = batch.profiles.iter().map(|p| p.user_id.as_str()).collect();
+    assert_eq!(ids, [other_id.as_str(), user_id.as_str()]);
+    assert!(batch.profiles.iter().all(|p| p.email.contains('@')));
+    let refused = profile
+        .batch_get_profiles(bearer(
+            pb::BatchGetProfilesRequest {
+                user_ids: vec![user_id.clone()],
+            },
+            &token,
+        ))
+        .await
+        .expect_err("users may not batch");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let malformed = profile
+        .batch_get_profiles(bearer(
+            pb::BatchGetProfilesRequest {
+                user_ids: vec!["nope".to_owned()],
+            },
+            &service,
+        ))
+        .await
+        .expect_err("malformed id");
+    assert_eq!(malformed.code(), tonic::Code::InvalidArgument);
+
+    // Pool figures for the admin view.
+    let pools = profile
+        .get_pool_status(bearer(pb::GetPoolStatusRequest {}, &service))
+        .await
+        .expect("pool status")
+        .into_inner();
+    let names: Vec<&str> = pools.pools.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["postgres", "redis"]);
+    assert_eq!(pools.pools[0].max_size, 4, "the test's DB_MAX_CONNECTIONS");
+    set.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_replica_warms_its_caches_with_recently_active_profiles() {
+    let mut set = ProfileSet::start(1, &[]).await;
+    let (user_id, token) = set.user().await;
+    assert_eq!(my_profile(set.gateway(0), &token).await.status, 200);
+    let db = sqlx::PgPool::connect(&set.infra.url_for(&set.database))
+        .await
+        .expect("a pool on the profile database");
+    // Created by that read, so recently active (later reads refresh it at most hourly).
+    eventually(Duration::from_secs(5), "the user recently active", || {
+        let db = db.clone();
+        let user_id = user_id.clone();
+        async move {
+            let recent: bool = sqlx::query_scalar(
+                "select last_active_at > now() - interval '1 minute' from profiles where user_id = $1::uuid",
+            )
+            .bind(&user_id)
+            .fetch_one(&db)
+            .await
+            .ok()?;
+            recent.then_some(())
+        }
+    })
+    .await;
+
+    // A replica with empty levels of its own warms them at start, without any read.
+    let warm_prefix = format!("{}warm:", set.key_prefix());
+    set.add_replica(&[("REDIS_KEY_PREFIX", &warm_prefix)]).await;
+    let key = format!("{warm_prefix}profile:v1:{user_id}");
+    let infra = Infra::from_env();
+    let client = redis::Client::open(infra.redis_url.as_str()).expect("client");
+    let redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    eventually(
+        Duration::from_secs(10),
+        "the profile warmed into Redis",
+        || {
+            let mut redis = redis.clone();
+            let key = key.clone();
+            async move {
+                let exists: bool = redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await
+                    .ok()?;
+                exists.then_some(())
+            }
+        },
+    )
+    .await;
+
+    // And on demand, by an admin.
+    let (_, admin) = set.admin().await;
+    let warmed = send(
+        set.gateway(0),
+        "POST",
+        "/api/v1/admin/cache/warm",
+        Some(&admin),
+        Some(&json!({"active_within_seconds": 3600})),
+    )
+    .await;
+    assert_eq!(warmed.status, 202, "{}", warmed.text());
+    assert!(warmed.json()["scheduled"].as_i64().is_some_and(|n| n >= 1));
+    let bad = send(
+        set.gateway(0),
+        "POST",
+        "/api/v1/admin/cache/warm",
+        Some(&admin),
+        Some(&json!({"max_per_second": -1})),
+    )
+    .await;
+    assert_problem(&bad, 400, "VALIDATION_FAILED");
+    set.stop().await;
+}

@@ -94,7 +94,7 @@ impl IdempotencyStore {
     async fn connection(
         &self,
     ) -> Result<
-        bb8_redis::bb8::PooledConnection<'_, bb8_redis::RedisConnectionManager>,
+        bb8_redis::bb8::PooledConnection<'_, platform::redis_pool::RedisManager>,
         redis::RedisError,
     > {
         self.redis.get().await.map_err(|e| match e {

@@ -92,7 +92,7 @@ impl Replica {
     /// What a replica does on SIGTERM: NOT_SERVING first, then, after the drain delay, it
     /// stops accepting and finishes what is in flight within a grace period (streams such
     /// as health watches are cut at its end).
-    async fn drain_and_stop(mut self, drain: Duration) {
+    async fn drain_and_stop(self, drain: Duration) {
         self.health
             .set_service_status("", ServingStatus::NotServing)
             .await;

@@ -16,5 +16,6 @@ mod identity;
 mod lifecycle;
 mod observability;
 mod pools;
+mod profile;
 mod rate_limits;
 mod stack;

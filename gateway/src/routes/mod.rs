@@ -2,6 +2,7 @@
 
 mod auth;
 mod ops;
+mod profile;
 
 use axum::Router;
 
@@ -15,6 +16,9 @@ use crate::{AppState, middleware::Edge};
 /// `router()` merged into `api`, a route class with its own timeout guarded separately with
 /// `edge.guard(class_routes, its_timeout)`.
 pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<AppState> {
-    let api = Router::new().merge(auth::router()).merge(extra_api_routes);
+    let api = Router::new()
+        .merge(auth::router())
+        .merge(profile::router())
+        .merge(extra_api_routes);
     ops::router().merge(edge.guard(api, edge.config().request_timeout))
 }

@@ -6,6 +6,8 @@
 pub mod access_token;
 /// Per-request balancing across the replicas behind one name, following DNS and health.
 pub mod balance;
+/// The two-level cache (in-process + Redis) with cross-replica invalidation and a breaker.
+pub mod cache;
 /// `main` for every binary: settings, telemetry, `serve` / `migrate`.
 pub mod cli;
 /// Typed settings from prefixed environment variables; every problem reported at once.

@@ -139,7 +139,49 @@ pub struct Pools {
     pub redis_max_connections: u32,
 }
 
+/// One pool's state at a moment, for the admin pool-status view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolFigures {
+    /// `postgres` or `redis`.
+    pub name: &'static str,
+    pub max_size: u32,
+    pub size: u32,
+    pub idle: u32,
+    pub in_use: u32,
+    /// Tasks waiting for a connection. sqlx does not report its waiters, so Postgres shows 0
+    /// (a pool at its bound with no idle connection is the sign of waiting there).
+    pub waiters: u32,
+}
+
 impl Pools {
+    /// Both pools as they are now.
+    pub fn figures(&self) -> [PoolFigures; 2] {
+        let size = self.db.size();
+        let idle = u32::try_from(self.db.num_idle())
+            .unwrap_or(u32::MAX)
+            .min(size);
+        let state = self.redis.state();
+        let redis_idle = state.idle_connections.min(state.connections);
+        [
+            PoolFigures {
+                name: "postgres",
+                max_size: self.db.options().get_max_connections(),
+                size,
+                idle,
+                in_use: size - idle,
+                waiters: 0,
+            },
+            PoolFigures {
+                name: "redis",
+                max_size: self.redis_max_connections,
+                size: state.connections,
+                idle: redis_idle,
+                in_use: state.connections - redis_idle,
+                waiters: u32::try_from(state.statistics.pending_gets()).unwrap_or(u32::MAX),
+            },
+        ]
+    }
+
     /// Sets the pool gauges and counters to the pools' current state.
     pub fn sample(&self) {
         let service = self.service;

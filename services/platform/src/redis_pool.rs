@@ -2,11 +2,110 @@
 
 use std::time::Duration;
 
-use bb8_redis::{RedisConnectionManager, bb8};
+use redis::{
+    Cmd, Pipeline, RedisError, RedisFuture, Value,
+    aio::{ConnectionLike, MultiplexedConnection},
+};
 
 use crate::config::{Env, Secret};
 
-pub type RedisPool = bb8::Pool<RedisConnectionManager>;
+pub type RedisPool = bb8::Pool<RedisManager>;
+
+/// bb8's manager for multiplexed Redis connections that notices when one broke.
+///
+/// A multiplexed connection whose socket died (Redis restarted, a failover, a black-holed
+/// network) never heals, and bb8 only drops a connection its manager calls broken: without
+/// this, a pool would keep failing on dead connections after Redis came back.
+#[derive(Debug, Clone)]
+pub struct RedisManager {
+    client: redis::Client,
+}
+
+impl RedisManager {
+    pub fn new(url: &str) -> Result<Self, RedisError> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+        })
+    }
+}
+
+/// A pooled connection: the multiplexed connection and whether it is still usable.
+#[derive(Clone)]
+pub struct RedisConnection {
+    inner: MultiplexedConnection,
+    /// Set while a command is in flight and kept when it fails at the connection level or is
+    /// abandoned (a caller's timeout): such a connection is dropped when returned.
+    broken: bool,
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConnection")
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors after which a connection cannot be trusted with another command.
+fn breaks_connection(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+        || error.is_timeout()
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            self.broken = true;
+            let result = self.inner.req_packed_command(cmd).await;
+            self.broken = result.as_ref().is_err_and(breaks_connection);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            self.broken = true;
+            let result = self
+                .inner
+                .req_packed_commands(pipeline, offset, count)
+                .await;
+            self.broken = result.as_ref().is_err_and(breaks_connection);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+impl bb8::ManageConnection for RedisManager {
+    type Connection = RedisConnection;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        Ok(RedisConnection {
+            inner: self.client.get_multiplexed_async_connection().await?,
+            broken: false,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        let _: String = redis::cmd("PING").query_async(conn).await?;
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        conn.broken
+    }
+}
 
 /// Redis settings (`<PREFIX>_REDIS_*`).
 #[derive(Debug, Clone)]
@@ -61,13 +160,13 @@ impl RedisConfig {
 /// A pool that connects on first use: a service starts, and serves from Postgres, while its
 /// Redis is down.
 pub fn lazy_pool(config: &RedisConfig) -> Result<RedisPool, redis::RedisError> {
-    let manager = RedisConnectionManager::new(config.url.expose())?;
+    let manager = RedisManager::new(config.url.expose())?;
     Ok(bb8::Pool::builder()
         .max_size(config.max_connections)
         .min_idle(Some(0))
         .connection_timeout(config.connection_timeout)
-        // A broken multiplexed connection is detected by the failing command; a ping per
-        // checkout would double the round trips.
+        // A broken multiplexed connection is detected by the failing command (and dropped by
+        // `RedisManager::has_broken`); a ping per checkout would double the round trips.
         .test_on_check_out(false)
         .build_unchecked(manager))
 }

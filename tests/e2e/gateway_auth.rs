@@ -274,6 +274,30 @@ async fn key_set_and_admin_roles() {
     let admin = login(addr, &admin_email, PASSWORD).await.json();
     let admin_token = admin["access_token"].as_str().expect("token");
 
+    // Pool status: admins only; auth and profile report both pools.
+    assert_problem(
+        &with_token(addr, "GET", "/admin/db-pool-status", user_token).await,
+        403,
+        "PERMISSION_DENIED",
+    );
+    let pools = with_token(addr, "GET", "/admin/db-pool-status", admin_token).await;
+    assert_eq!(pools.status, 200, "{}", pools.text());
+    let pools = pools.json();
+    for service in ["auth", "profile"] {
+        let entry = pools["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|e| e["service"] == service))
+            .unwrap_or_else(|| panic!("{service} in {pools}"));
+        let names: Vec<&str> = entry["pools"]
+            .as_array()
+            .expect("pools")
+            .iter()
+            .map(|p| p["name"].as_str().expect("name"))
+            .collect();
+        assert_eq!(names, ["postgres", "redis"], "{pools}");
+        assert!(entry["pools"][0]["max_size"].as_i64() >= Some(1));
+    }
+
     let roles = with_token(addr, "GET", "/api/v1/admin/roles", admin_token).await;
     assert_eq!(roles.status, 200, "{}", roles.text());
     assert!(

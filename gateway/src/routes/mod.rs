@@ -1,5 +1,6 @@
 //! The gateway's routes, one module per concern, merged in [`router`].
 
+mod admin;
 mod auth;
 mod ops;
 mod profile;
@@ -17,6 +18,7 @@ use crate::{AppState, middleware::Edge};
 /// `edge.guard(class_routes, its_timeout)`.
 pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<AppState> {
     let api = Router::new()
+        .merge(admin::router())
         .merge(auth::router())
         .merge(profile::router())
         .merge(extra_api_routes);

@@ -37,6 +37,8 @@ struct Inner {
     config: TokenConfig,
     changes: ChangeFeed,
     service_clients: ServiceClients,
+    pools: platform::metrics::Pools,
+    instance: String,
 }
 
 /// What the RPCs are built from.
@@ -50,6 +52,9 @@ pub struct Parts {
     pub config: TokenConfig,
     pub changes: ChangeFeed,
     pub service_clients: ServiceClients,
+    pub pools: platform::metrics::Pools,
+    /// This replica's name (`GetPoolStatus`).
+    pub instance: String,
 }
 
 impl AuthApi {
@@ -66,6 +71,8 @@ impl AuthApi {
                 config: parts.config,
                 changes: parts.changes,
                 service_clients: parts.service_clients,
+                pools: parts.pools,
+                instance: parts.instance,
             }),
         })
     }
@@ -1049,6 +1056,35 @@ impl AuthService for AuthApi {
         }
         .await;
         finish("ValidateAccessToken", result)
+    }
+
+    async fn get_pool_status(
+        &self,
+        request: Request<pb::GetPoolStatusRequest>,
+    ) -> Result<Response<pb::GetPoolStatusResponse>, Status> {
+        let result = async {
+            self.inner.internal(&request).await?;
+            let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+            Ok(pb::GetPoolStatusResponse {
+                instance: self.inner.instance.clone(),
+                pools: self
+                    .inner
+                    .pools
+                    .figures()
+                    .into_iter()
+                    .map(|figures| pb::PoolStatus {
+                        name: figures.name.to_owned(),
+                        max_size: count(figures.max_size),
+                        size: count(figures.size),
+                        idle: count(figures.idle),
+                        in_use: count(figures.in_use),
+                        waiters: count(figures.waiters),
+                    })
+                    .collect(),
+            })
+        }
+        .await;
+        finish("GetPoolStatus", result)
     }
 
     async fn get_jwks(

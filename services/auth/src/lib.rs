@@ -89,6 +89,8 @@ pub async fn serve(
         config: config.tokens.clone(),
         changes,
         service_clients: config.service_clients.clone(),
+        pools: resources.pools(&SPEC, &config.service),
+        instance: config.service.telemetry.instance_id.clone(),
     })?;
     let routes = Routes::new(auth_service_server::AuthServiceServer::new(api));
     let served = service::serve(

@@ -85,6 +85,16 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// The pools as `/metrics` and `GetPoolStatus` report them.
+    pub fn pools(&self, spec: &ServiceSpec, config: &ServiceConfig) -> metrics::Pools {
+        metrics::Pools {
+            service: spec.name,
+            db: self.db.clone(),
+            redis: self.redis.clone(),
+            redis_max_connections: config.redis.max_connections,
+        }
+    }
+
     pub fn connect(spec: &ServiceSpec, config: &ServiceConfig) -> anyhow::Result<Self> {
         Ok(Self {
             db: postgres::lazy_pool(&config.postgres, spec.name)?,
@@ -212,12 +222,7 @@ fn with_metrics_route(
     config: &ServiceConfig,
     resources: &Resources,
 ) -> Routes {
-    let pools = metrics::Pools {
-        service: spec.name,
-        db: resources.db.clone(),
-        redis: resources.redis.clone(),
-        redis_max_connections: config.redis.max_connections,
-    };
+    let pools = resources.pools(spec, config);
     let scrape = move || {
         pools.sample();
         let body = metrics::render();

@@ -27,7 +27,6 @@ use platform::{
     cache::CacheBus,
     grpc::ClientConfig,
     identity::Identity,
-    metrics::Pools,
     service::{self, Resources, ServiceSpec},
 };
 use proto::profile::v1::profile_service_server;
@@ -85,12 +84,7 @@ pub async fn serve(
             config.warming.max_profiles,
         )));
     }
-    let pools = Pools {
-        service: SPEC.name,
-        db: resources.db.clone(),
-        redis: resources.redis.clone(),
-        redis_max_connections: config.service.redis.max_connections,
-    };
+    let pools = resources.pools(&SPEC, &config.service);
     let api = grpc::ProfileApi::new(
         store,
         caches,

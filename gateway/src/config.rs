@@ -8,6 +8,7 @@ use platform::{
     cli::{Binary, ShutdownSignal},
     config::Env,
     grpc::ClientConfig,
+    identity::IdentityConfig,
     shutdown::ShutdownConfig,
     telemetry::TelemetryConfig,
 };
@@ -18,10 +19,13 @@ use tokio::net::TcpListener;
 pub struct Config {
     /// `GATEWAY_LISTEN_ADDR`, default `127.0.0.1:8080`.
     pub listen_addr: SocketAddr,
-    /// `GATEWAY_AUTH_URL`, `GATEWAY_PROFILE_URL`, `GATEWAY_NOTES_URL`: where each service listens.
-    pub auth_url: String,
+    /// `GATEWAY_PROFILE_URL`, `GATEWAY_NOTES_URL`: where each service listens (auth's is
+    /// `identity.auth_url`, `GATEWAY_AUTH_URL`).
     pub profile_url: String,
     pub notes_url: String,
+    /// Verifying access tokens at the edge: `GATEWAY_AUTH_URL`, `GATEWAY_AUTH_CLIENT_SECRET`
+    /// (or `_FILE`), `GATEWAY_TOKEN_ISSUER`, `GATEWAY_TOKEN_AUDIENCE`.
+    pub identity: IdentityConfig,
     /// `GATEWAY_READY_TIMEOUT` (default 1s): how long `/ready` waits for each health check.
     pub ready_timeout: Duration,
     /// `GATEWAY_UPSTREAM_CONNECT_TIMEOUT` (1s) and `GATEWAY_UPSTREAM_TIMEOUT` (5s).
@@ -43,7 +47,7 @@ impl Config {
                 "LISTEN_ADDR",
                 SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, Self::DEFAULT_PORT)),
             ),
-            auth_url: env.or("AUTH_URL", "http://127.0.0.1:50051".to_owned()),
+            identity: IdentityConfig::from_env(env),
             profile_url: env.or("PROFILE_URL", "http://127.0.0.1:50052".to_owned()),
             notes_url: env.or("NOTES_URL", "http://127.0.0.1:50053".to_owned()),
             ready_timeout: env.duration_or("READY_TIMEOUT", Self::DEFAULT_READY_TIMEOUT),
@@ -57,7 +61,7 @@ impl Config {
             telemetry: TelemetryConfig::from_env(env, "gateway"),
         };
         for (name, url) in [
-            ("AUTH_URL", &config.auth_url),
+            ("AUTH_URL", &config.identity.auth_url),
             ("PROFILE_URL", &config.profile_url),
             ("NOTES_URL", &config.notes_url),
         ] {
@@ -266,9 +270,27 @@ impl Binary for Config {
 mod tests {
     use super::*;
 
+    /// The variables given, plus the one secret every gateway needs.
+    fn env<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Env {
+        let secret = [(
+            "GATEWAY_AUTH_CLIENT_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        )];
+        Env::from_pairs("GATEWAY", secret.into_iter().chain(pairs))
+    }
+
+    #[test]
+    fn the_client_secret_is_required() {
+        let env = Env::from_pairs("GATEWAY", std::iter::empty::<(String, String)>());
+        let _ = Config::from_env(&env);
+        let problems = env.finish().err().map(|e| e.problems).unwrap_or_default();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].variable, "GATEWAY_AUTH_CLIENT_SECRET");
+    }
+
     #[test]
     fn names_the_bad_upstream_variable() {
-        let env = Env::from_pairs("GATEWAY", [("GATEWAY_NOTES_URL", "127.0.0.1:50053")]);
+        let env = env([("GATEWAY_NOTES_URL", "127.0.0.1:50053")]);
         let _ = Config::from_env(&env);
         let problems = env.finish().err().map(|e| e.problems).unwrap_or_default();
         assert_eq!(problems.len(), 1);
@@ -277,7 +299,7 @@ mod tests {
 
     #[test]
     fn edge_defaults_apply_when_nothing_is_set() {
-        let env = Env::from_pairs("GATEWAY", std::iter::empty::<(String, String)>());
+        let env = env([]);
         let config = Config::from_env(&env);
         assert!(env.finish().is_ok());
         assert_eq!(config.edge.body_limit, 1024 * 1024);
@@ -290,20 +312,17 @@ mod tests {
 
     #[test]
     fn edge_settings_parse_with_units() {
-        let env = Env::from_pairs(
-            "GATEWAY",
-            [
-                ("GATEWAY_BODY_LIMIT", "512KiB"),
-                ("GATEWAY_REQUEST_TIMEOUT", "250ms"),
-                ("GATEWAY_MAX_CONCURRENT_REQUESTS", "8"),
-                ("GATEWAY_SLOW_REQUEST_THRESHOLD", "0s"),
-                ("GATEWAY_COMPRESSION_MIN_BYTES", "2048"),
-                (
-                    "GATEWAY_CORS_ALLOWED_ORIGINS",
-                    "https://app.example.com, http://localhost:3000",
-                ),
-            ],
-        );
+        let env = env([
+            ("GATEWAY_BODY_LIMIT", "512KiB"),
+            ("GATEWAY_REQUEST_TIMEOUT", "250ms"),
+            ("GATEWAY_MAX_CONCURRENT_REQUESTS", "8"),
+            ("GATEWAY_SLOW_REQUEST_THRESHOLD", "0s"),
+            ("GATEWAY_COMPRESSION_MIN_BYTES", "2048"),
+            (
+                "GATEWAY_CORS_ALLOWED_ORIGINS",
+                "https://app.example.com, http://localhost:3000",
+            ),
+        ]);
         let edge = Config::from_env(&env).edge;
         assert_eq!(env.finish(), Ok(()));
         assert_eq!(edge.body_limit, 512 * 1024);
@@ -319,19 +338,16 @@ mod tests {
 
     #[test]
     fn names_every_bad_edge_variable() {
-        let env = Env::from_pairs(
-            "GATEWAY",
-            [
-                ("GATEWAY_BODY_LIMIT", "1 megabyte"),
-                ("GATEWAY_REQUEST_TIMEOUT", "0s"),
-                ("GATEWAY_MAX_CONCURRENT_REQUESTS", "0"),
-                ("GATEWAY_COMPRESSION_MIN_BYTES", "-1"),
-                (
-                    "GATEWAY_CORS_ALLOWED_ORIGINS",
-                    "https://a.example.com/path, *",
-                ),
-            ],
-        );
+        let env = env([
+            ("GATEWAY_BODY_LIMIT", "1 megabyte"),
+            ("GATEWAY_REQUEST_TIMEOUT", "0s"),
+            ("GATEWAY_MAX_CONCURRENT_REQUESTS", "0"),
+            ("GATEWAY_COMPRESSION_MIN_BYTES", "-1"),
+            (
+                "GATEWAY_CORS_ALLOWED_ORIGINS",
+                "https://a.example.com/path, *",
+            ),
+        ]);
         let _ = Config::from_env(&env);
         let problems = env.finish().err().map(|e| e.problems).unwrap_or_default();
         let mut variables: Vec<&str> = problems.iter().map(|p| p.variable.as_str()).collect();

@@ -42,6 +42,8 @@ use upstream::Upstreams;
 pub struct AppState {
     pub config: Arc<Config>,
     pub upstreams: Upstreams,
+    /// Verifies access tokens locally, with auth's key set and revocations.
+    pub identity: platform::identity::Identity,
     /// Set once shutdown starts: `/ready` answers 503 so load balancers move traffic away.
     pub draining: Arc<AtomicBool>,
 }
@@ -78,8 +80,16 @@ pub async fn serve_with(
 ) -> anyhow::Result<()> {
     // Install the recorder before the first request records anything.
     platform::metrics::handle();
+    let upstreams = Upstreams::connect(&config)?;
+    let identity = platform::identity::Identity::start(
+        &config.identity,
+        "gateway",
+        upstreams.auth.channel.clone(),
+        false,
+    );
     let state = AppState {
-        upstreams: Upstreams::connect(&config)?,
+        upstreams,
+        identity,
         config: Arc::new(config),
         draining: Arc::new(AtomicBool::new(false)),
     };

@@ -43,7 +43,11 @@ impl Upstreams {
                 })
             };
         Ok(Self {
-            auth: upstream("auth", auth_service_server::SERVICE_NAME, &config.auth_url)?,
+            auth: upstream(
+                "auth",
+                auth_service_server::SERVICE_NAME,
+                &config.identity.auth_url,
+            )?,
             profile: upstream(
                 "profile",
                 profile_service_server::SERVICE_NAME,

@@ -172,7 +172,8 @@ async fn register_login_and_verify_the_token_with_the_published_keys() {
         .into_iter()
         .map(|k| PublicKey { kid: k.kid, x: k.x })
         .collect();
-    let verifier = AccessTokenVerifier::new(&keys, "svcset-auth", "svcset").expect("verifier");
+    let verifier =
+        AccessTokenVerifier::new(&keys, "svcset-auth", "svcset", false).expect("verifier");
     let claims = verifier
         .verify(&login.access_token)
         .expect("token verifies");
@@ -690,6 +691,44 @@ async fn roles_are_admin_only_and_the_first_admin_comes_from_the_cli() {
 }
 
 #[tokio::test]
+async fn seeding_creates_accounts_once_with_one_hash() {
+    let auth = Auth::start(&[]).await;
+    auth.register("user1@example.com").await;
+    auth::seed_users(&auth.config, 3, None).await.expect("seed");
+    auth::seed_users(&auth.config, 3, None)
+        .await
+        .expect("seed again");
+    let mut db = auth.db().await;
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("select email, display_name from users order by email")
+            .fetch_all(&mut db)
+            .await
+            .expect("users");
+    assert_eq!(
+        rows.iter().map(|(e, _)| e.as_str()).collect::<Vec<_>>(),
+        [
+            "user0@example.com",
+            "user1@example.com",
+            "user2@example.com"
+        ],
+        "the registered account is left as it was, no duplicates"
+    );
+    assert_eq!(rows[1].1, "Ada", "an existing account keeps its data");
+    assert_eq!(rows[2].1, "User 2");
+    let hashes: i64 = sqlx::query_scalar(
+        "select count(distinct password_hash) from users where display_name like 'User %'",
+    )
+    .fetch_one(&mut db)
+    .await
+    .expect("hashes");
+    assert_eq!(hashes, 1, "one precomputed hash");
+    auth.login("user2@example.com", auth::SEED_PASSWORD)
+        .await
+        .expect("a seeded account logs in with the seed password");
+    auth.stop().await;
+}
+
+#[tokio::test]
 async fn bulk_assignment_is_all_or_nothing() {
     let auth = Auth::start(&[]).await;
     let admin_email = unique_email();
@@ -795,7 +834,8 @@ fn assert_throttled(status: &tonic::Status) {
 async fn failed_logins_throttle_the_account_until_the_window_ends() {
     let auth = Auth::start(&[
         ("LOGIN_MAX_FAILURES_PER_ACCOUNT", "3"),
-        ("LOGIN_THROTTLE_WINDOW", "2s"),
+        // Long enough that a loaded CI machine still fails three logins inside it.
+        ("LOGIN_THROTTLE_WINDOW", "6s"),
     ])
     .await;
     let email = unique_email();
@@ -823,7 +863,7 @@ async fn failed_logins_throttle_the_account_until_the_window_ends() {
     auth.login(&other, PASSWORD)
         .await
         .expect("another account logs in");
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(6200)).await;
     auth.login(&email, PASSWORD)
         .await
         .expect("the window has passed");
@@ -946,6 +986,14 @@ async fn pruning_removes_only_what_retention_allows() {
     .expect("age audit rows")
     .rows_affected();
     assert_eq!(aged_audit, 1);
+    // The key set announced at start-up is the oldest change-log entry.
+    let aged_change: i64 = sqlx::query_scalar(
+        "update change_events set occurred_at = now() - interval '2 days'
+         where kind = 'key_set' returning sequence",
+    )
+    .fetch_one(&mut db)
+    .await
+    .expect("age the key-set entry");
 
     let store = auth::store::Store::new(
         sqlx::PgPool::connect(&auth.database_url)
@@ -962,7 +1010,7 @@ async fn pruning_removes_only_what_retention_allows() {
         .await
         .expect("lock");
     let skipped = store
-        .prune(days(30.0), idle, days(7.0), days(180.0), 1)
+        .prune(days(30.0), idle, days(7.0), days(180.0), days(1.0), 1)
         .await
         .expect("prune");
     assert_eq!(skipped, None);
@@ -973,7 +1021,7 @@ async fn pruning_removes_only_what_retention_allows() {
 
     // Batches of one row exercise the loops.
     let counts = store
-        .prune(days(30.0), idle, days(7.0), days(180.0), 1)
+        .prune(days(30.0), idle, days(7.0), days(180.0), days(1.0), 1)
         .await
         .expect("prune")
         .expect("lock taken");
@@ -981,6 +1029,12 @@ async fn pruning_removes_only_what_retention_allows() {
     // The old rotated token, plus the tokens of the two deleted sessions went by cascade.
     assert_eq!(counts.refresh_tokens, 1);
     assert_eq!(counts.audit_events, 1);
+    assert_eq!(counts.change_events, 1);
+    let horizon: i64 = sqlx::query_scalar("select pruned_through from change_log_horizon")
+        .fetch_one(&mut db)
+        .await
+        .expect("horizon");
+    assert_eq!(horizon, aged_change, "consumers from before it start over");
 
     let sessions: i64 = sqlx::query_scalar("select count(*) from sessions")
         .fetch_one(&mut db)

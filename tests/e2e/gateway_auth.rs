@@ -259,12 +259,12 @@ async fn key_set_and_admin_roles() {
     let user_token = user["access_token"].as_str().expect("token");
 
     let denied = with_token(addr, "GET", "/api/v1/admin/roles", user_token).await;
-    assert_problem(&denied, 403, "FORBIDDEN");
+    assert_problem(&denied, 403, "PERMISSION_DENIED");
     let path = format!("/api/v1/admin/users/{user_id}/roles/admin");
     assert_problem(
         &with_token(addr, "PUT", &path, user_token).await,
         403,
-        "FORBIDDEN",
+        "PERMISSION_DENIED",
     );
 
     // The first admin comes from the CLI, run against the same database.

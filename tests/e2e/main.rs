@@ -10,6 +10,7 @@
 mod auth;
 mod gateway_auth;
 mod gateway_edge;
+mod identity;
 mod lifecycle;
 mod observability;
 mod pools;

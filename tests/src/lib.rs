@@ -181,6 +181,24 @@ MC4CAQAwBQYDK2VwBCIEINAlMk/qQCOLgd0TzPwYz0DCOzcH6kH4Gh/Co+oRYLnl
 -----END PRIVATE KEY-----
 ";
 
+/// The client secret `service` (gateway, profile, notes) obtains service tokens with in
+/// tests.
+pub fn test_client_secret(service: &str) -> String {
+    format!("test-client-secret-{service}-0123456789abcdef0123456789abcdef")
+}
+
+/// `AUTH_SERVICE_CLIENTS` for the test secrets: each service's name and secret digest.
+pub fn test_service_clients() -> String {
+    use sha2::{Digest as _, Sha256};
+    ["gateway", "profile", "notes"]
+        .map(|service| {
+            let digest = Sha256::digest(test_client_secret(service).as_bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{service}={hex}")
+        })
+        .join(",")
+}
+
 /// The variables a service reads, pointing at `database` and a private key prefix.
 pub fn service_vars(
     infra: &Infra,
@@ -216,7 +234,13 @@ pub fn service_vars(
             ),
             // Two grace seconds keep the reuse tests short.
             ("AUTH_REFRESH_GRACE_PERIOD".to_owned(), "2s".to_owned()),
+            ("AUTH_SERVICE_CLIENTS".to_owned(), test_service_clients()),
         ]);
+    } else {
+        vars.push((
+            format!("{prefix}_AUTH_CLIENT_SECRET"),
+            test_client_secret(&prefix.to_lowercase()),
+        ));
     }
     for (name, value) in extra {
         vars.retain(|(n, _)| n != &format!("{prefix}_{name}"));
@@ -273,10 +297,14 @@ impl Stack {
 
     /// The set with `AUTH_<name>` overrides for the auth service.
     pub async fn start_with(infra: &Infra, auth_extra: &[(&str, &str)]) -> Self {
-        let ((auth_config, auth), profile, notes) = tokio::join!(
-            start_service_with_config::<auth::Config>(infra, auth_extra),
-            start_service::<profile::Config>(infra, &[]),
-            start_service::<notes::Config>(infra, &[]),
+        // Auth first: the others are told where it listens.
+        let (auth_config, auth) =
+            start_service_with_config::<auth::Config>(infra, auth_extra).await;
+        let auth_url = auth.url();
+        let with_auth = [("AUTH_URL", auth_url.as_str())];
+        let (profile, notes) = tokio::join!(
+            start_service::<profile::Config>(infra, &with_auth),
+            start_service::<notes::Config>(infra, &with_auth),
         );
         let gateway = start_gateway(&[
             ("AUTH_URL", &auth.url()),
@@ -470,6 +498,10 @@ pub fn gateway_config(extra: &[(&str, &str)]) -> gateway::Config {
     let mut vars = vec![
         ("GATEWAY_SHUTDOWN_DRAIN_DELAY".to_owned(), "0ms".to_owned()),
         ("GATEWAY_SHUTDOWN_GRACE_PERIOD".to_owned(), "5s".to_owned()),
+        (
+            "GATEWAY_AUTH_CLIENT_SECRET".to_owned(),
+            test_client_secret("gateway"),
+        ),
     ];
     vars.extend(
         extra

@@ -1,6 +1,7 @@
 //! `/api/v1/auth/*`, `/api/v1/admin/*` (roles) and `/.well-known/jwks.json`, onto
-//! `auth.v1.AuthService`. HTTP bodies are their own types, converted here; the gateway only
-//! forwards the caller's bearer token: auth verifies it.
+//! `auth.v1.AuthService`. HTTP bodies are their own types, converted here. Routes for a
+//! signed-in caller verify the token at the edge ([`SignedIn`], [`Admin`]) and forward it:
+//! auth verifies it again.
 
 use std::net::SocketAddr;
 
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     AppState,
-    context::{ClientAddr, Deadline, RequestContext},
+    context::{Admin, ClientAddr, Deadline, RequestContext, SignedIn},
     error::{ApiError, ErrorCode},
     extract::ApiJson,
     upstream::Upstreams,
@@ -261,6 +262,7 @@ async fn logout_all(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _signed_in: SignedIn,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let request = call(&context, deadline, &headers, None, pb::LogoutAllRequest {})?;
@@ -306,6 +308,7 @@ async fn list_sessions(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _signed_in: SignedIn,
     headers: HeaderMap,
     query: Result<Query<ListSessionsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<ApiJson<SessionsReply>, ApiError> {
@@ -350,6 +353,7 @@ async fn revoke_session(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _signed_in: SignedIn,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
@@ -380,6 +384,7 @@ async fn change_password(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _signed_in: SignedIn,
     ClientAddr(peer): ClientAddr,
     headers: HeaderMap,
     ApiJson(body): ApiJson<ChangePasswordBody>,
@@ -465,6 +470,7 @@ async fn list_roles(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
 ) -> Result<ApiJson<RolesReply>, ApiError> {
     let request = call(
@@ -497,6 +503,7 @@ async fn assign_role(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     Path((user_id, role)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
@@ -515,6 +522,7 @@ async fn revoke_role(
     State(state): State<AppState>,
     context: RequestContext,
     deadline: Deadline,
+    _admin: Admin,
     headers: HeaderMap,
     Path((user_id, role)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {

@@ -20,6 +20,87 @@ pub struct Config {
     pub hasher: HasherConfig,
     pub throttle: ThrottleConfig,
     pub retention: RetentionConfig,
+    pub service_clients: ServiceClients,
+}
+
+/// The internal services that may obtain service tokens (`IssueServiceToken`), each with
+/// the SHA-256 of its client secret: `AUTH_SERVICE_CLIENTS=gateway=<hex>,profile=<hex>,…`.
+/// Only digests live in auth's config; each service holds its own secret. The secrets are
+/// 256-bit random values, so a plain SHA-256 is as strong as a password hash here.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ServiceClients(Vec<(String, [u8; 32])>);
+
+impl std::fmt::Debug for ServiceClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl ServiceClients {
+    pub fn from_env(env: &Env) -> Self {
+        let Some(text) = env.optional::<String>("SERVICE_CLIENTS") else {
+            return Self::default();
+        };
+        match Self::parse(&text) {
+            Ok(clients) => clients,
+            Err(problem) => {
+                env.problem(&env.name("SERVICE_CLIENTS"), problem);
+                Self::default()
+            }
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut clients = Vec::new();
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (name, digest) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("`{entry}` is not name=<sha256 hex>"))?;
+            let name = name.trim();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                return Err(format!("`{name}` is not a service name (a-z, 0-9, -)"));
+            }
+            let digest = decode_sha256_hex(digest.trim())
+                .ok_or_else(|| format!("the digest for `{name}` is not 64 hex digits"))?;
+            if clients.iter().any(|(n, _)| n == name) {
+                return Err(format!("`{name}` is listed twice"));
+            }
+            clients.push((name.to_owned(), digest));
+        }
+        Ok(Self(clients))
+    }
+
+    /// Whether `secret` is the client secret of the service `name` (constant time in the
+    /// secret).
+    pub fn authenticates(&self, name: &str, secret: &str) -> bool {
+        use sha2::{Digest as _, Sha256};
+        let presented: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        self.0.iter().any(|(n, digest)| {
+            n == name
+                && digest
+                    .iter()
+                    .zip(presented.iter())
+                    .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                    == 0
+        })
+    }
+}
+
+fn decode_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (i, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(digest)
 }
 
 /// Token and session settings.
@@ -47,15 +128,21 @@ pub struct TokenConfig {
 
 impl TokenConfig {
     pub const DEFAULT_ACCESS_TTL: Duration = Duration::from_secs(15 * 60);
-    pub const MAX_ACCESS_TTL: Duration = Duration::from_secs(60 * 60);
+    pub const MAX_ACCESS_TTL: Duration = platform::access_token::MAX_LIFETIME;
     pub const DEFAULT_REFRESH_GRACE: Duration = Duration::from_secs(10);
     pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
     pub const DEFAULT_SESSION_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 
     fn from_env(env: &Env) -> Self {
         let config = Self {
-            issuer: env.or("TOKEN_ISSUER", "svcset-auth".to_owned()),
-            audience: env.or("TOKEN_AUDIENCE", "svcset".to_owned()),
+            issuer: env.or(
+                "TOKEN_ISSUER",
+                platform::access_token::DEFAULT_ISSUER.to_owned(),
+            ),
+            audience: env.or(
+                "TOKEN_AUDIENCE",
+                platform::access_token::DEFAULT_AUDIENCE.to_owned(),
+            ),
             access_ttl: env.duration_or("ACCESS_TOKEN_TTL", Self::DEFAULT_ACCESS_TTL),
             signing_keys: signing_keys(env),
             refresh_secret: env.required("REFRESH_TOKEN_SECRET"),
@@ -178,12 +265,14 @@ impl GrpcService for Config {
     const SPEC: platform::service::ServiceSpec = SPEC;
 
     fn from_env(env: &Env) -> Self {
+        let tokens = TokenConfig::from_env(env);
         Self {
             service: ServiceConfig::from_env(&SPEC, env),
-            tokens: TokenConfig::from_env(env),
             hasher: HasherConfig::from_env(env),
             throttle: ThrottleConfig::from_env(env),
-            retention: RetentionConfig::from_env(env),
+            retention: RetentionConfig::from_env(env, tokens.access_ttl),
+            service_clients: ServiceClients::from_env(env),
+            tokens,
         }
     }
 
@@ -195,22 +284,60 @@ impl GrpcService for Config {
         crate::serve(self, listener, shutdown).await
     }
 
-    const COMMANDS_USAGE: &'static str = "       auth grant-role EMAIL ROLE   give an account a role (the first admin, say) and exit\n";
+    const COMMANDS_USAGE: &'static str = "       auth grant-role EMAIL ROLE   give an account a role (the first admin, say) and exit\n       auth seed-users COUNT [PASSWORD]\n                                    create user0..user<COUNT-1>@example.com for load tests\n                                    (one hash for all; default password: correct horse battery staple)\n";
 
     fn command(self, args: &[String]) -> Option<impl Future<Output = anyhow::Result<()>> + Send> {
-        match args {
+        type Command = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+        let command: Command = match args {
             [name, email, role] if name == "grant-role" => {
                 let (email, role) = (email.clone(), role.clone());
-                Some(async move { crate::grant_role(&self, &email, &role).await })
+                Box::pin(async move { crate::grant_role(&self, &email, &role).await })
             }
-            _ => None,
-        }
+            [name, count, rest @ ..] if name == "seed-users" && rest.len() <= 1 => {
+                let count = count.clone();
+                let password = rest.first().cloned();
+                Box::pin(async move {
+                    let count = count.parse::<u32>().map_err(|_| {
+                        anyhow::anyhow!("COUNT must be a whole number, got {count}")
+                    })?;
+                    crate::seed_users(&self, count, password.as_deref()).await
+                })
+            }
+            _ => return None,
+        };
+        Some(command)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn service_clients_authenticate_by_digest_and_refuse_junk() {
+        // sha256("s3cret")
+        let digest = "9c3a0ffc8a1ebd6ebec4fd3ef2e1ba3c5c5e7dac1a3b4fb2cbd2c1c7a4f1f5b8";
+        let real = {
+            use sha2::{Digest as _, Sha256};
+            Sha256::digest(b"s3cret")
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let clients = ServiceClients::parse(&format!("gateway={real}, notes={digest}")).unwrap();
+        assert!(clients.authenticates("gateway", "s3cret"));
+        assert!(!clients.authenticates("gateway", "s3cret "));
+        assert!(!clients.authenticates("profile", "s3cret"));
+        assert!(ServiceClients::parse("gateway").is_err());
+        assert!(ServiceClients::parse("gateway=abc").is_err());
+        assert!(ServiceClients::parse(&format!("Gate way={real}")).is_err());
+        assert!(ServiceClients::parse(&format!("a={real},a={real}")).is_err());
+        assert_eq!(
+            ServiceClients::parse("").unwrap(),
+            ServiceClients::default()
+        );
+    }
 
     #[test]
     fn pem_text_splits_into_keys_in_order() {

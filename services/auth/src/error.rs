@@ -136,7 +136,7 @@ impl From<AuthError> for Status {
             AuthError::Forbidden => coded(
                 Code::PermissionDenied,
                 "this requires the admin role",
-                "FORBIDDEN",
+                "PERMISSION_DENIED",
             ),
             AuthError::WrongPassword => {
                 let mut violation =

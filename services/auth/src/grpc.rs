@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
-    config::TokenConfig,
+    changes::{ChangeFeed, ChangeStream},
+    config::{ServiceClients, TokenConfig},
     domain::{DisplayName, Email, FieldViolation, Password, label},
     error::AuthError,
     password::{PasswordHasher, VerifyOutcome},
@@ -34,27 +35,37 @@ struct Inner {
     refresh: RefreshTokens,
     throttle: LoginThrottle,
     config: TokenConfig,
+    changes: ChangeFeed,
+    service_clients: ServiceClients,
+}
+
+/// What the RPCs are built from.
+#[derive(Debug)]
+pub struct Parts {
+    pub store: Store,
+    pub hasher: PasswordHasher,
+    pub issuer: TokenIssuer,
+    pub refresh: RefreshTokens,
+    pub throttle: LoginThrottle,
+    pub config: TokenConfig,
+    pub changes: ChangeFeed,
+    pub service_clients: ServiceClients,
 }
 
 impl AuthApi {
-    pub fn new(
-        store: Store,
-        hasher: PasswordHasher,
-        issuer: TokenIssuer,
-        refresh: RefreshTokens,
-        throttle: LoginThrottle,
-        config: TokenConfig,
-    ) -> Result<Self, platform::access_token::TokenError> {
-        let verifier = issuer.verifier()?;
+    pub fn new(parts: Parts) -> Result<Self, platform::access_token::TokenError> {
+        let verifier = parts.issuer.verifier()?;
         Ok(Self {
             inner: Arc::new(Inner {
-                store,
-                hasher,
-                issuer,
+                store: parts.store,
+                hasher: parts.hasher,
+                issuer: parts.issuer,
                 verifier,
-                refresh,
-                throttle,
-                config,
+                refresh: parts.refresh,
+                throttle: parts.throttle,
+                config: parts.config,
+                changes: parts.changes,
+                service_clients: parts.service_clients,
             }),
         })
     }
@@ -64,6 +75,12 @@ impl AuthApi {
 struct Caller {
     user_id: Uuid,
     session_id: Uuid,
+}
+
+/// Who is calling: a signed-in user, or an internal service with a service token.
+enum Principal {
+    User(Caller),
+    Service,
 }
 
 const DEVICE_NAME_MAX: usize = 100;
@@ -80,9 +97,38 @@ impl Inner {
         self.config.session_idle_timeout.as_secs_f64()
     }
 
-    /// Verifies the bearer token and, since auth owns the sessions, that its session is live.
+    /// A signed-in user: verifies the bearer token and, since auth owns the sessions, that
+    /// its session is live. Service tokens are refused.
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, AuthError> {
-        let claims = self.claims(request)?;
+        match self.principal(request).await? {
+            Principal::User(caller) => Ok(caller),
+            Principal::Service => Err(AuthError::Unauthenticated),
+        }
+    }
+
+    async fn principal<T>(&self, request: &Request<T>) -> Result<Principal, AuthError> {
+        let token =
+            platform::access_token::bearer(request.metadata()).ok_or(AuthError::Unauthenticated)?;
+        let claims = self.verified(token).await?;
+        if claims.service_name().is_some() {
+            return Ok(Principal::Service);
+        }
+        Ok(Principal::User(self.live_session(&claims).await?))
+    }
+
+    /// The claims of a valid token; for a user's token, also that its session is live.
+    async fn verified(&self, token: &str) -> Result<AccessClaims, AuthError> {
+        let claims = self
+            .verifier
+            .verify(token)
+            .map_err(|_| AuthError::Unauthenticated)?;
+        if claims.service_name().is_none() {
+            self.live_session(&claims).await?;
+        }
+        Ok(claims)
+    }
+
+    async fn live_session(&self, claims: &AccessClaims) -> Result<Caller, AuthError> {
         let (Ok(user_id), Ok(session_id)) =
             (Uuid::parse_str(&claims.sub), Uuid::parse_str(&claims.sid))
         else {
@@ -101,12 +147,18 @@ impl Inner {
         })
     }
 
-    fn claims<T>(&self, request: &Request<T>) -> Result<AccessClaims, AuthError> {
-        let token =
-            platform::access_token::bearer(request.metadata()).ok_or(AuthError::Unauthenticated)?;
-        self.verifier
-            .verify(token)
-            .map_err(|_| AuthError::Unauthenticated)
+    /// An internal caller: a service token, or a user who holds `admin` now.
+    async fn internal<T>(&self, request: &Request<T>) -> Result<(), AuthError> {
+        match self.principal(request).await? {
+            Principal::Service => Ok(()),
+            Principal::User(caller) => {
+                if self.store.has_role(caller.user_id, ADMIN_ROLE).await? {
+                    Ok(())
+                } else {
+                    Err(AuthError::Forbidden)
+                }
+            }
+        }
     }
 
     fn token_response(
@@ -324,7 +376,8 @@ impl Inner {
 
     async fn logout(&self, request: Request<pb::LogoutRequest>) -> Result<(), AuthError> {
         // The access token names the session; when it has expired, the refresh token does.
-        let by_token = self.claims(&request).ok();
+        let by_token = platform::access_token::bearer(request.metadata())
+            .and_then(|token| self.verifier.verify(token).ok());
         let refresh_token = request.into_inner().refresh_token;
         let (user_id, session_id) = match (by_token, refresh_token) {
             (Some(claims), _) => (parse_uuid(&claims.sub), parse_uuid(&claims.sid)),
@@ -460,10 +513,13 @@ impl Inner {
         }
     }
 
-    /// The caller, allowed to read `user_id`'s data: themself, or an admin. Anyone else
-    /// gets NOT_FOUND, as if the user did not exist.
+    /// The caller, allowed to read `user_id`'s data: themself, a service, or an admin.
+    /// Another user gets NOT_FOUND, as if the user did not exist.
     async fn reader_of<T>(&self, request: &Request<T>, user_id: Uuid) -> Result<(), AuthError> {
-        let caller = self.caller(request).await?;
+        let caller = match self.principal(request).await? {
+            Principal::Service => return Ok(()),
+            Principal::User(caller) => caller,
+        };
         if caller.user_id == user_id || self.store.has_role(caller.user_id, ADMIN_ROLE).await? {
             Ok(())
         } else {
@@ -819,8 +875,7 @@ impl AuthService for AuthApi {
         request: Request<pb::BatchGetUsersRequest>,
     ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
         let result = async {
-            // Internal callers get service tokens with the identity issue; until then admins.
-            self.inner.admin(&request).await?;
+            self.inner.internal(&request).await?;
             let raw = &request.get_ref().user_ids;
             if raw.len() > BATCH_GET_USERS_MAX {
                 return Err(FieldViolation::new(
@@ -900,6 +955,88 @@ impl AuthService for AuthApi {
             "BulkAssignRoles",
             self.inner.bulk_assign_roles(request).await,
         )
+    }
+
+    async fn watch_changes(
+        &self,
+        request: Request<pb::WatchChangesRequest>,
+    ) -> Result<Response<ChangeStream>, Status> {
+        let result = async {
+            self.inner.internal(&request).await?;
+            let body = request.into_inner();
+            let kinds = body.kinds().collect();
+            Ok(self.inner.changes.watch(body.after_sequence, kinds))
+        }
+        .await;
+        finish("WatchChanges", result)
+    }
+
+    async fn issue_service_token(
+        &self,
+        request: Request<pb::IssueServiceTokenRequest>,
+    ) -> Result<Response<pb::IssueServiceTokenResponse>, Status> {
+        let result = async {
+            let body = request.into_inner();
+            if !self
+                .inner
+                .service_clients
+                .authenticates(&body.service_name, &body.client_secret)
+            {
+                tracing::warn!(service = %label(&body.service_name, 64), "service token refused");
+                return Err(AuthError::Unauthenticated);
+            }
+            let audience = platform::access_token::service_audience(&self.inner.config.audience);
+            if !body.audience.is_empty() && body.audience != audience {
+                return Err(FieldViolation::new(
+                    "audience",
+                    "AUDIENCE_NOT_ALLOWED",
+                    format!("service tokens are issued for `{audience}` only"),
+                )
+                .into());
+            }
+            let access_token = self.inner.issuer.issue_service(&body.service_name)?;
+            Ok(pb::IssueServiceTokenResponse {
+                access_token,
+                token_type: "Bearer".to_owned(),
+                expires_in: i32::try_from(self.inner.issuer.ttl().as_secs()).unwrap_or(i32::MAX),
+            })
+        }
+        .await;
+        finish("IssueServiceToken", result)
+    }
+
+    async fn validate_access_token(
+        &self,
+        request: Request<pb::ValidateAccessTokenRequest>,
+    ) -> Result<Response<pb::ValidateAccessTokenResponse>, Status> {
+        let result = async {
+            self.inner.internal(&request).await?;
+            let body = request.into_inner();
+            if !body.audience.is_empty() && body.audience != self.inner.config.audience {
+                return Err(AuthError::Unauthenticated);
+            }
+            let claims = self.inner.verified(&body.access_token).await?;
+            let seconds = |s: i64| prost_types::Timestamp {
+                seconds: s,
+                nanos: 0,
+            };
+            Ok(pb::ValidateAccessTokenResponse {
+                principal_kind: if claims.service_name().is_some() {
+                    pb::PrincipalKind::Service
+                } else {
+                    pb::PrincipalKind::User
+                }
+                .into(),
+                issued_at: Some(seconds(claims.iat)),
+                expires_at: Some(seconds(claims.exp)),
+                subject: claims.sub,
+                session_id: claims.sid,
+                roles: claims.roles,
+                token_id: claims.jti,
+            })
+        }
+        .await;
+        finish("ValidateAccessToken", result)
     }
 
     async fn get_jwks(

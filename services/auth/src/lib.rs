@@ -4,6 +4,8 @@
 //!
 //! # Layout
 
+/// The change stream other processes follow (`WatchChanges`).
+pub mod changes;
 /// Settings (`AUTH_*` environment variables).
 pub mod config;
 /// Validated inputs: email, password (the policy), display name.
@@ -71,14 +73,23 @@ pub async fn serve(
         config.retention,
         config.tokens.session_idle_timeout,
     ));
-    let api = grpc::AuthApi::new(
+    let kids: Vec<String> = issuer.public_keys().into_iter().map(|k| k.kid).collect();
+    let (changes, following) = changes::ChangeFeed::start(
+        resources.db.clone(),
+        store.clone(),
+        config.tokens.access_ttl,
+    );
+    let announcing = tokio::spawn(announce_key_set(store.clone(), kids));
+    let api = grpc::AuthApi::new(grpc::Parts {
         store,
         hasher,
         issuer,
         refresh,
         throttle,
-        config.tokens.clone(),
-    )?;
+        config: config.tokens.clone(),
+        changes,
+        service_clients: config.service_clients.clone(),
+    })?;
     let routes = Routes::new(auth_service_server::AuthServiceServer::new(api));
     let served = service::serve(
         &SPEC,
@@ -90,7 +101,29 @@ pub async fn serve(
     )
     .await;
     pruning.abort();
+    following.abort();
+    announcing.abort();
     served
+}
+
+/// Records this replica's key set in the change log once the database is reachable, so
+/// verifiers fetch a new key before the first token signed with it reaches them.
+async fn announce_key_set(store: store::Store, kids: Vec<String>) {
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        match store.record_key_set(&kids).await {
+            Ok(recorded) => {
+                tracing::info!(?kids, recorded, "key set announced");
+                return;
+            }
+            Err(e) => {
+                // Before migrations have run the table may not exist yet: retry.
+                tracing::debug!(error = %e, "cannot record the key set yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// `auth grant-role EMAIL ROLE`: applies migrations, then gives the account the role. How
@@ -113,5 +146,39 @@ pub async fn grant_role(config: &Config, email: &str, role: &str) -> anyhow::Res
         store::RoleChange::UserNotFound => anyhow::bail!("no account with that id"),
         store::RoleChange::RoleNotFound => anyhow::bail!("no role named {role}"),
     }
+    Ok(())
+}
+
+/// The password seeded accounts get unless another is given (the load generator's default).
+pub const SEED_PASSWORD: &str = "correct horse battery staple";
+
+/// `auth seed-users COUNT [PASSWORD]`: applies migrations, then creates the accounts
+/// `user0@example.com` … `user<COUNT-1>@example.com` in batches, hashing the password once
+/// (the argon2 cost per account is what a load test must not pay). Idempotent.
+pub async fn seed_users(config: &Config, count: u32, password: Option<&str>) -> anyhow::Result<()> {
+    const BATCH: u32 = 5_000;
+    platform::service::migrate_once(&SPEC, &config.service).await?;
+    let db = platform::postgres::lazy_pool(&config.service.postgres, "auth-seed-users")?;
+    let store = store::Store::new(db.clone());
+    let hasher = password::PasswordHasher::start(config.hasher)?;
+    let password = domain::Password::parse_presented("password", password.unwrap_or(SEED_PASSWORD))
+        .map_err(|v| anyhow::anyhow!("{}: {}", v.field, v.message))?;
+    let hash = hasher.hash(password).await?;
+    let started = std::time::Instant::now();
+    let (mut first, mut created) = (0u32, 0u64);
+    while first < count {
+        let size = BATCH.min(count - first);
+        let ids: Vec<uuid::Uuid> = (0..size).map(|_| uuid::Uuid::now_v7()).collect();
+        created += store.seed_users(i64::from(first), &ids, &hash).await?;
+        first += size;
+    }
+    db.close().await;
+    tracing::info!(
+        count,
+        created,
+        existing = u64::from(count) - created,
+        elapsed_ms = started.elapsed().as_millis(),
+        "seeded users"
+    );
     Ok(())
 }

@@ -103,6 +103,31 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Bulk seeding for load tests: accounts `user{i}@example.com` ("User {i}") for the
+    /// numbers `first..first + ids.len()`, all with one precomputed hash. Existing emails are
+    /// left alone, so seeding again is harmless; returns how many were new.
+    pub async fn seed_users(
+        &self,
+        first: i64,
+        ids: &[Uuid],
+        password_hash: &str,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query!(
+            r#"
+            insert into users (id, email, password_hash, display_name)
+            select id, format('user%s@example.com', $2 + ord - 1), $3, format('User %s', $2 + ord - 1)
+            from unnest($1::uuid[]) with ordinality as seeded(id, ord)
+            on conflict do nothing
+            "#,
+            ids,
+            first,
+            password_hash,
+        )
+        .execute(&self.db)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     pub async fn credentials(&self, email: &str) -> Result<Option<Credentials>, sqlx::Error> {
         let row = sqlx::query!(
             r#"
@@ -653,6 +678,101 @@ impl Store {
     }
 }
 
+/// One entry of the change log with the data its event carries: for `user` and `roles`
+/// entries, the user's current row and roles (so a consumer lands on the latest state).
+#[derive(Debug)]
+pub struct ChangeRow {
+    pub sequence: i64,
+    pub kind: String,
+    pub user_id: Option<Uuid>,
+    pub session_id: Option<Uuid>,
+    pub detail: serde_json::Value,
+    pub occurred_at: DateTime<Utc>,
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    pub status: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub roles: Option<Vec<String>>,
+}
+
+/// The retained range of the change log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeLogBounds {
+    /// Every sequence up to this one has been pruned (0: nothing yet).
+    pub pruned_through: i64,
+    /// The highest committed sequence (0: empty log).
+    pub latest: i64,
+}
+
+impl Store {
+    /// Up to `limit` change-log entries after `after`, in sequence (= commit) order.
+    pub async fn changes_after(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<ChangeRow>, sqlx::Error> {
+        sqlx::query_as!(
+            ChangeRow,
+            r#"
+            select e.sequence, e.kind, e.user_id, e.session_id, e.detail, e.occurred_at,
+                   u.email as "email?", u.display_name as "display_name?", u.status as "status?",
+                   u.created_at as "created_at?", u.updated_at as "updated_at?",
+                   case when e.kind in ('user', 'roles') then
+                       array(select role_name from user_roles r where r.user_id = e.user_id
+                             order by role_name)
+                   end as "roles?"
+            from change_events e
+            left join users u on u.id = e.user_id and e.kind in ('user', 'roles')
+            where e.sequence > $1
+            order by e.sequence
+            limit $2
+            "#,
+            after,
+            limit,
+        )
+        .fetch_all(&self.db)
+        .await
+    }
+
+    pub async fn change_log_bounds(&self) -> Result<ChangeLogBounds, sqlx::Error> {
+        let row = sqlx::query!(
+            r#"
+            select (select pruned_through from change_log_horizon) as "pruned_through!",
+                   coalesce((select max(sequence) from change_events),
+                            (select pruned_through from change_log_horizon)) as "latest!"
+            "#
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(ChangeLogBounds {
+            pruned_through: row.pruned_through,
+            latest: row.latest,
+        })
+    }
+
+    /// Records the key set this replica signs with, unless it is already the latest one
+    /// recorded (replicas of one release start with the same set).
+    pub async fn record_key_set(&self, kids: &[String]) -> Result<bool, sqlx::Error> {
+        let recorded = sqlx::query_scalar!(
+            r#"
+            with latest as (
+                select detail -> 'kids' as kids from change_events
+                where kind = 'key_set' order by sequence desc limit 1
+            ), recorded as (
+                select record_change('key_set', null, null, jsonb_build_object('kids', to_jsonb($1::text[])))
+                where not exists (select 1 from latest where kids = to_jsonb($1::text[]))
+            )
+            select count(*) as "recorded!" from recorded
+            "#,
+            kids,
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(recorded > 0)
+    }
+}
+
 #[derive(Debug)]
 pub struct RoleRow {
     pub name: String,
@@ -699,6 +819,7 @@ pub struct PruneCounts {
     pub sessions: u64,
     pub refresh_tokens: u64,
     pub audit_events: u64,
+    pub change_events: u64,
 }
 
 /// Advisory-lock key that lets one replica prune at a time.
@@ -706,14 +827,16 @@ const PRUNE_LOCK: i64 = 0x6175_7468_7072_756e;
 
 impl Store {
     /// Deletes, in batches of `batch`: sessions ended more than `ended_keep` seconds ago (their
-    /// refresh tokens go with them), refresh tokens rotated more than `rotated_keep` ago, and
-    /// audit rows older than `audit_keep`. `None` when another replica holds the lock.
+    /// refresh tokens go with them), refresh tokens rotated more than `rotated_keep` ago,
+    /// audit rows older than `audit_keep`, and change-log entries older than `change_keep`.
+    /// `None` when another replica holds the lock.
     pub async fn prune(
         &self,
         ended_keep: f64,
         idle_timeout: f64,
         rotated_keep: f64,
         audit_keep: f64,
+        change_keep: f64,
         batch: i64,
     ) -> Result<Option<PruneCounts>, sqlx::Error> {
         let mut conn = self.db.acquire().await?;
@@ -788,6 +911,37 @@ impl Store {
                 .await?
                 .rows_affected();
                 counts.audit_events += done;
+                if !full(done) {
+                    break;
+                }
+            }
+            loop {
+                // Forget the oldest entries and move the horizon past them in one statement,
+                // so a consumer resuming from before it is told to start over.
+                let done = sqlx::query_scalar!(
+                    r#"
+                    with pruned as (
+                        delete from change_events where sequence in (
+                            select sequence from change_events
+                            where occurred_at < now() - make_interval(secs => $1)
+                            order by sequence
+                            limit $2
+                        )
+                        returning sequence
+                    ), horizon as (
+                        update change_log_horizon
+                        set pruned_through = greatest(pruned_through, (select max(sequence) from pruned))
+                        where exists (select 1 from pruned)
+                    )
+                    select count(*) as "pruned!" from pruned
+                    "#,
+                    change_keep,
+                    batch,
+                )
+                .fetch_one(&mut *conn)
+                .await?;
+                let done = u64::try_from(done).unwrap_or_default();
+                counts.change_events += done;
                 if !full(done) {
                     break;
                 }

@@ -122,9 +122,37 @@ impl TokenIssuer {
             exp: now + i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2),
             jti: Uuid::now_v7().to_string(),
         };
+        self.sign(newest, &claims)
+    }
+
+    /// A service token for the internal service `name`: subject `service:<name>`, no session,
+    /// the service audience, the access-token lifetime.
+    pub fn issue_service(&self, name: &str) -> Result<String, jsonwebtoken::errors::Error> {
+        let newest = self.keys.first().ok_or_else(|| {
+            jsonwebtoken::errors::Error::from(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat)
+        })?;
+        let now = chrono::Utc::now().timestamp();
+        let claims = AccessClaims {
+            sub: format!("{}{name}", platform::access_token::SERVICE_SUBJECT_PREFIX),
+            sid: String::new(),
+            roles: Vec::new(),
+            iss: self.issuer.clone(),
+            aud: platform::access_token::service_audience(&self.audience),
+            iat: now,
+            exp: now + i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2),
+            jti: Uuid::now_v7().to_string(),
+        };
+        self.sign(newest, &claims)
+    }
+
+    fn sign(
+        &self,
+        key: &SigningKey,
+        claims: &AccessClaims,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
         let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(newest.kid.clone());
-        jsonwebtoken::encode(&header, &claims, &newest.encoding)
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, claims, &key.encoding)
     }
 
     /// Every public key still accepted, newest first.
@@ -132,9 +160,10 @@ impl TokenIssuer {
         self.keys.iter().map(|k| k.public.clone()).collect()
     }
 
-    /// A verifier for the tokens this issuer signs (auth checks its own callers with it).
+    /// A verifier for the tokens this issuer signs, user and service tokens alike (auth
+    /// checks its own callers with it).
     pub fn verifier(&self) -> Result<AccessTokenVerifier, platform::access_token::TokenError> {
-        AccessTokenVerifier::new(&self.public_keys(), &self.issuer, &self.audience)
+        AccessTokenVerifier::new(&self.public_keys(), &self.issuer, &self.audience, true)
     }
 }
 
@@ -244,6 +273,24 @@ mod tests {
         assert_eq!(claims.sid, session.to_string());
         assert!(claims.has_role("admin"));
         assert_eq!(claims.exp - claims.iat, 900);
+    }
+
+    #[test]
+    fn service_tokens_carry_the_service_audience_and_only_verify_where_accepted() {
+        let issuer = issuer();
+        let token = issuer.issue_service("notes").unwrap();
+        let claims = issuer.verifier().unwrap().verify(&token).unwrap();
+        assert_eq!(claims.service_name(), Some("notes"));
+        assert_eq!(claims.aud, "svcset/internal");
+        assert!(claims.sid.is_empty());
+        // The gateway's edge accepts user tokens only.
+        let edge = AccessTokenVerifier::new(&issuer.public_keys(), "svcset-auth", "svcset", false)
+            .unwrap();
+        assert_eq!(edge.verify(&token), Err(TokenError::Invalid));
+        let user_token = issuer
+            .issue(Uuid::now_v7(), Uuid::now_v7(), vec![])
+            .unwrap();
+        assert!(edge.verify(&user_token).is_ok());
     }
 
     #[test]

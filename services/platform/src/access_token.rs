@@ -10,6 +10,22 @@ use std::collections::HashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
+/// The issuer auth signs with unless configured otherwise (`iss`).
+pub const DEFAULT_ISSUER: &str = "svcset-auth";
+/// The audience of user access tokens unless configured otherwise (`aud`).
+pub const DEFAULT_AUDIENCE: &str = "svcset";
+/// The longest access-token lifetime auth may be configured with; verifiers forget a role
+/// change once no token issued before it can still be unexpired.
+pub const MAX_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Prefix of a service token's subject: `service:<name>`.
+pub const SERVICE_SUBJECT_PREFIX: &str = "service:";
+
+/// The audience of service tokens: derived from the user audience, so the gateway, which
+/// accepts only the user audience, refuses a service token at the edge.
+pub fn service_audience(audience: &str) -> String {
+    format!("{audience}/internal")
+}
+
 /// The claims of an access token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessClaims {
@@ -32,6 +48,11 @@ impl AccessClaims {
     pub fn has_role(&self, role: &str) -> bool {
         self.roles.iter().any(|r| r == role)
     }
+
+    /// The service name of a service token; `None` for a user's token.
+    pub fn service_name(&self) -> Option<&str> {
+        self.sub.strip_prefix(SERVICE_SUBJECT_PREFIX)
+    }
 }
 
 /// A public key as published in the JWKS (`kty: OKP`, `crv: Ed25519`).
@@ -52,6 +73,8 @@ pub enum TokenError {
     Expired,
     #[error("invalid token")]
     Invalid,
+    #[error("revoked token")]
+    Revoked,
 }
 
 /// Verifies access tokens against a set of public keys.
@@ -59,6 +82,9 @@ pub enum TokenError {
 pub struct AccessTokenVerifier {
     keys: HashMap<String, DecodingKey>,
     validation: Validation,
+    audience: String,
+    /// Set where service tokens are accepted (services, not the gateway's edge).
+    service_audience: Option<String>,
 }
 
 impl std::fmt::Debug for AccessTokenVerifier {
@@ -73,7 +99,16 @@ impl AccessTokenVerifier {
     /// Clock skew tolerated between signer and verifier.
     pub const LEEWAY_SECONDS: u64 = 30;
 
-    pub fn new(keys: &[PublicKey], issuer: &str, audience: &str) -> Result<Self, TokenError> {
+    /// A verifier of user tokens for `audience`, and of service tokens too when
+    /// `accept_service_tokens` (their audience is [`service_audience`] of it). A token's
+    /// audience must match its kind: a user token with the service audience, or the reverse,
+    /// is refused.
+    pub fn new(
+        keys: &[PublicKey],
+        issuer: &str,
+        audience: &str,
+        accept_service_tokens: bool,
+    ) -> Result<Self, TokenError> {
         let keys = keys
             .iter()
             .map(|key| {
@@ -82,13 +117,34 @@ impl AccessTokenVerifier {
                     .map_err(|_| TokenError::Malformed)
             })
             .collect::<Result<_, _>>()?;
+        Ok(Self {
+            keys,
+            ..Self::without_keys(issuer, audience, accept_service_tokens)
+        })
+    }
+
+    /// A verifier that knows no key yet: every token names an unknown key.
+    pub fn without_keys(issuer: &str, audience: &str, accept_service_tokens: bool) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.algorithms = vec![Algorithm::EdDSA];
         validation.leeway = Self::LEEWAY_SECONDS;
         validation.set_issuer(&[issuer]);
-        validation.set_audience(&[audience]);
+        let service_audience = accept_service_tokens.then(|| service_audience(audience));
+        let mut audiences = vec![audience.to_owned()];
+        audiences.extend(service_audience.clone());
+        validation.set_audience(&audiences);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
-        Ok(Self { keys, validation })
+        Self {
+            keys: HashMap::new(),
+            validation,
+            audience: audience.to_owned(),
+            service_audience,
+        }
+    }
+
+    /// Whether a token signed with `kid` can be checked here.
+    pub fn knows_key(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
     }
 
     pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
@@ -98,12 +154,25 @@ impl AccessTokenVerifier {
         }
         let kid = header.kid.ok_or(TokenError::UnknownKey)?;
         let key = self.keys.get(&kid).ok_or(TokenError::UnknownKey)?;
-        jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation)
+        let claims = jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation)
             .map(|data| data.claims)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
                 _ => TokenError::Invalid,
-            })
+            })?;
+        let audience_fits = match claims.service_name() {
+            Some(name) => {
+                !name.is_empty()
+                    && claims.sid.is_empty()
+                    && self.service_audience.as_deref() == Some(claims.aud.as_str())
+            }
+            None => claims.aud == self.audience,
+        };
+        if audience_fits {
+            Ok(claims)
+        } else {
+            Err(TokenError::Invalid)
+        }
     }
 }
 

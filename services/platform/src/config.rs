@@ -169,6 +169,41 @@ impl Env {
             .and_then(|value| self.parse(&variable, value))
     }
 
+    /// A required secret from `<P>_<name>`, or from the file named by `<P>_<name>_FILE`
+    /// (how orchestrators mount secrets); one trailing newline is dropped.
+    pub fn secret(&self, name: &str) -> Secret {
+        let variable = self.name(name);
+        let file_variable = format!("{variable}_FILE");
+        match (self.raw(&variable), self.raw(&file_variable)) {
+            (Some(value), None) => Secret::new(value),
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let value = text.strip_suffix('\n').unwrap_or(&text);
+                    let value = value.strip_suffix('\r').unwrap_or(value);
+                    if value.is_empty() {
+                        self.problem(&file_variable, format!("`{path}` is empty"));
+                    }
+                    Secret::new(value)
+                }
+                Err(e) => {
+                    self.problem(&file_variable, format!("cannot read `{path}`: {e}"));
+                    Secret::default()
+                }
+            },
+            (Some(_), Some(_)) => {
+                self.problem(
+                    &variable,
+                    format!("set either it or {file_variable}, not both"),
+                );
+                Secret::default()
+            }
+            (None, None) => {
+                self.problem(&variable, format!("missing (required; or {file_variable})"));
+                Secret::default()
+            }
+        }
+    }
+
     pub fn duration_or(&self, name: &str, default: Duration) -> Duration {
         self.or(name, HumanDuration(default)).0
     }

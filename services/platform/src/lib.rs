@@ -12,6 +12,8 @@ pub mod config;
 pub mod error;
 /// gRPC server spans and lazily connected, trace-carrying client channels.
 pub mod grpc;
+/// Who is calling: tokens verified locally with auth's keys and revocations; service tokens.
+pub mod identity;
 /// The global Prometheus recorder behind `/metrics`.
 pub mod metrics;
 /// The Postgres pool, its knobs, and migrations.

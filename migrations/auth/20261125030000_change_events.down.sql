@@ -1,0 +1,10 @@
+drop trigger if exists users_change on users;
+drop trigger if exists user_roles_change on user_roles;
+drop trigger if exists sessions_revoked_change on sessions;
+drop function if exists users_record_change();
+drop function if exists user_roles_record_change();
+drop function if exists sessions_record_revocation();
+drop function if exists record_change(text, uuid, uuid, jsonb);
+drop table if exists change_log_horizon;
+drop table if exists change_events;
+drop sequence if exists change_event_sequence;

@@ -20,9 +20,10 @@ as the Python reference) on loopback, and reports throughput, errors by status a
 percentiles.
 
 Scenarios that log in need seeded accounts user{i}@example.com (i < --users) sharing one
-password. Seed them first with the auth service's own command, with auth's environment:
+password. Seed them first with the auth service's own command, with auth's environment
+(idempotent; one argon2 hash for all):
 
-    auth seed-users --count 1000 --password 'correct horse battery staple'
+    auth seed-users 1000 'correct horse battery staple'
 
 The Python reference seeds its own accounts (PEER_USERS) with the same pattern and password.";
 

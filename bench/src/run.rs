@@ -170,7 +170,7 @@ async fn set_up_login(worker: &mut Worker, config: &RunConfig) -> anyhow::Result
             }
             Outcome::Status(status @ (400 | 401 | 404)) => anyhow::bail!(
                 "set-up: logging in as {email} got HTTP {status}. Are the accounts seeded? \
-                 Seed {users} with `auth seed-users --count {users} --password '{password}'` \
+                 Seed {users} with `auth seed-users {users} '{password}'` \
                  (or pass --users, --email and --password to match the target's accounts)",
                 users = config.accounts.users,
                 password = config.accounts.password,

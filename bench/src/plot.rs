@@ -92,7 +92,7 @@ fn percentile_label(inverse_tail: f64) -> String {
 /// An axis label in milliseconds with as many decimals as its size needs.
 fn milliseconds(ms: f64) -> String {
     match ms {
-        ms if ms >= 10.0 => format!("{ms:.0}"),
+        ms if ms == 0.0 || ms >= 10.0 => format!("{ms:.0}"),
         ms if ms >= 1.0 => format!("{ms:.1}"),
         ms if ms >= 0.1 => format!("{ms:.2}"),
         ms => format!("{ms:.3}"),

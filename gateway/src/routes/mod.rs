@@ -1,11 +1,22 @@
 //! The gateway's routes, one module per concern, merged in [`router`].
 
 mod auth;
+mod notes;
 mod ops;
 
-use axum::Router;
+use std::net::SocketAddr;
 
-use crate::{AppState, middleware::Edge};
+use axum::{
+    Router,
+    http::{HeaderMap, header},
+};
+
+use crate::{
+    AppState,
+    context::{Deadline, RequestContext},
+    error::{ApiError, ErrorCode},
+    middleware::Edge,
+};
 
 /// Every route the gateway serves, before the middleware every route shares.
 ///
@@ -15,6 +26,54 @@ use crate::{AppState, middleware::Edge};
 /// `router()` merged into `api`, a route class with its own timeout guarded separately with
 /// `edge.guard(class_routes, its_timeout)`.
 pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<AppState> {
-    let api = Router::new().merge(auth::router()).merge(extra_api_routes);
+    let api = Router::new()
+        .merge(auth::router())
+        .merge(notes::router())
+        .merge(extra_api_routes);
     ops::router().merge(edge.guard(api, edge.config().request_timeout))
+}
+
+/// A request to a service carrying the caller's bearer token, client address and user agent.
+pub(crate) fn call<T>(
+    context: &RequestContext,
+    deadline: Deadline,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    message: T,
+) -> Result<tonic::Request<T>, ApiError> {
+    let mut request = context.grpc_request(message, deadline)?;
+    let metadata = request.metadata_mut();
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Unauthenticated,
+                    "the Authorization header is malformed",
+                )
+            })?;
+        metadata.insert("authorization", value);
+    }
+    // The address is the socket's: a client-sent X-Forwarded-For is not believed.
+    if let Some(value) = peer.and_then(|p| p.ip().to_string().parse().ok()) {
+        metadata.insert("x-forwarded-for", value);
+    }
+    if let Some(value) = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        metadata.insert("user-agent", value);
+    }
+    Ok(request)
+}
+
+/// RFC 3339 in UTC, as every timestamp the gateway returns.
+pub(crate) fn rfc3339(timestamp: Option<prost_types::Timestamp>) -> Option<String> {
+    let t = timestamp?;
+    let nanos = u32::try_from(t.nanos).ok()?;
+    chrono::DateTime::from_timestamp(t.seconds, nanos)
+        .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }

@@ -12,6 +12,7 @@ mod gateway_auth;
 mod gateway_edge;
 mod identity;
 mod lifecycle;
+mod notes;
 mod observability;
 mod pools;
 mod stack;

@@ -699,7 +699,11 @@ fn seeded(n: usize) -> Value {
     if n.is_multiple_of(5) {
         tags.push("five".to_owned());
     }
-    let word = if n.is_multiple_of(7) { "kangaroo" } else { "wombat" };
+    let word = if n.is_multiple_of(7) {
+        "kangaroo"
+    } else {
+        "wombat"
+    };
     json!({"title": format!("Note {n}"), "body": format!("About the {word} number {n}."), "status": status, "tags": tags})
 }
 
@@ -1340,4 +1344,186 @@ async fn with_redis_down_notes_are_served_from_postgres() {
         "{metrics}"
     );
     stack.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_chapter_writes_keep_positions_dense() {
+    let stack = NotesStack::start(&[]).await;
+    let addr = stack.addr();
+    let ada = sign_up(addr).await;
+    let note = create_note(addr, &ada, &json!({"title": "Busy"})).await;
+    let path = format!("/api/v1/notes/{}/chapters", id_of(&note));
+    let ada = &ada;
+    let path = &path;
+    // Twelve writers at once, half inserting at the front: each write locks the note, so
+    // positions never collide nor leave gaps.
+    let created = futures::future::join_all((0..12).map(|i| async move {
+        let body = if i % 2 == 0 {
+            json!({"title": format!("c{i}"), "position": 0})
+        } else {
+            json!({"title": format!("c{i}")})
+        };
+        send(addr, "POST", path, Some(ada), Some(&body), &[]).await
+    }))
+    .await;
+    assert!(
+        created.iter().all(|r| r.status == 201),
+        "{:?}",
+        created.iter().map(|r| r.text()).collect::<Vec<_>>()
+    );
+    let etags: HashSet<&str> = created.iter().map(|r| header(r, "etag")).collect();
+    assert_eq!(etags.len(), 12, "every write got its own note version");
+    let detail = send(
+        addr,
+        "GET",
+        &format!("/api/v1/notes/{}", id_of(&note)),
+        Some(ada),
+        None,
+        &[],
+    )
+    .await
+    .json();
+    let positions: Vec<i64> = detail["chapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["position"].as_i64().unwrap())
+        .collect();
+    assert_eq!(positions, (0..12).collect::<Vec<i64>>());
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn every_rpc_needs_a_user_token() {
+    use proto::{
+        auth::v1::{IssueServiceTokenRequest, auth_service_client::AuthServiceClient},
+        notes::v1::{self as pb, notes_service_client::NotesServiceClient},
+    };
+    let stack = NotesStack::start(&[]).await;
+    let mut notes = NotesServiceClient::new(stack.notes.channel().await);
+    let status = notes
+        .list_notes(pb::ListNotesRequest::default())
+        .await
+        .expect_err("no token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
+    let mut request = tonic::Request::new(pb::GetNoteRequest {
+        note_id: uuid::Uuid::now_v7().to_string(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer not-a-token".parse().unwrap());
+    let status = notes.get_note(request).await.expect_err("junk token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
+    // A service token is a valid caller, but these RPCs act on a user's own notes.
+    let token = AuthServiceClient::new(stack.auth.channel().await)
+        .issue_service_token(IssueServiceTokenRequest {
+            service_name: "gateway".to_owned(),
+            client_secret: e2e::test_client_secret("gateway"),
+            audience: String::new(),
+        })
+        .await
+        .expect("service token")
+        .into_inner()
+        .access_token;
+    let mut request = tonic::Request::new(pb::ListNotesRequest::default());
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let status = notes.list_notes(request).await.expect_err("service token");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_write_through_one_replica_invalidates_what_the_other_cached() {
+    let infra = Infra::from_env();
+    let auth = e2e::start_service::<auth::Config>(&infra, &[]).await;
+    let auth_url = auth.url();
+    // Two notes replicas: one database, one Redis key prefix, as in a deployment.
+    let database = infra.create_database("notes").await;
+    let prefix = format!("e2e:{}:notes:", uuid::Uuid::now_v7().simple());
+    let shared = [
+        ("AUTH_URL", auth_url.as_str()),
+        ("REDIS_KEY_PREFIX", prefix.as_str()),
+    ];
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let config: notes::Config =
+            e2e::service_config(e2e::service_vars(&infra, "NOTES", &database, &shared));
+        replicas.push(
+            Running::start(move |listener, shutdown| {
+                use platform::service::GrpcService as _;
+                config.serve(listener, shutdown)
+            })
+            .await,
+        );
+    }
+    let mut gateways = Vec::new();
+    for replica in &replicas {
+        gateways.push(
+            e2e::start_gateway(&[("AUTH_URL", &auth_url), ("NOTES_URL", &replica.url())]).await,
+        );
+    }
+    let (one, two) = (gateways[0].addr, gateways[1].addr);
+    let ada = sign_up(one).await;
+    let note = eventually(Duration::from_secs(30), "notes migrated", || async {
+        let body = json!({"title": "Shared", "tags": ["s"]});
+        let response = send(one, "POST", "/api/v1/notes", Some(&ada), Some(&body), &[]).await;
+        (response.status == 201).then(|| response.json())
+    })
+    .await;
+    let path = format!("/api/v1/notes/{}", id_of(&note));
+
+    // Replica two caches the detail and the list: its second reads cost no statement.
+    let mut admin = PgConnection::connect(&infra.database_url).await.unwrap();
+    let read_both = || async {
+        let detail = send(two, "GET", &path, Some(&ada), None, &[]).await.json();
+        assert_eq!(detail["title"], "Shared");
+        let listed = send(two, "GET", "/api/v1/notes?tag=s", Some(&ada), None, &[])
+            .await
+            .json();
+        assert_eq!(listed["items"][0]["title"], "Shared");
+    };
+    assert_eq!(
+        statements_for(&mut admin, &database, read_both).await,
+        2,
+        "misses"
+    );
+    assert_eq!(
+        statements_for(&mut admin, &database, read_both).await,
+        0,
+        "hits"
+    );
+    // A write through replica one: replica two's next reads show it at once.
+    let response = send(
+        one,
+        "PATCH",
+        &path,
+        Some(&ada),
+        Some(&json!({"title": "Changed on one"})),
+        &[],
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        send(two, "GET", &path, Some(&ada), None, &[]).await.json()["title"],
+        "Changed on one"
+    );
+    assert_eq!(
+        send(two, "GET", "/api/v1/notes?tag=s", Some(&ada), None, &[])
+            .await
+            .json()["items"][0]["title"],
+        "Changed on one"
+    );
+
+    for mut running in gateways.into_iter().chain(replicas).chain([auth]) {
+        running.signal_shutdown();
+        tokio::time::timeout(Duration::from_secs(10), running.task)
+            .await
+            .expect("stops")
+            .expect("no panic")
+            .expect("serve returned Ok");
+    }
 }

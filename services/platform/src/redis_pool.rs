@@ -3,10 +3,97 @@
 use std::time::Duration;
 
 use bb8_redis::{RedisConnectionManager, bb8};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value, aio::MultiplexedConnection};
 
 use crate::config::{Env, Secret};
 
-pub type RedisPool = bb8::Pool<RedisConnectionManager>;
+pub type RedisPool = bb8::Pool<RedisManager>;
+
+/// bb8-redis's manager, plus what it lacks: a connection whose last command found it dead
+/// (closed by Redis, a restart, a network reset) is dropped when it returns to the pool
+/// instead of being handed out again. A multiplexed connection never reconnects, and
+/// bb8-redis reports none broken, so without this every pooled connection would keep
+/// failing after Redis came back, until its maximum lifetime.
+#[derive(Debug, Clone)]
+pub struct RedisManager(RedisConnectionManager);
+
+/// A pooled connection: commands go to the multiplexed connection; a transport failure
+/// marks it broken.
+pub struct RedisConnection {
+    inner: MultiplexedConnection,
+    broken: bool,
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConnection")
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisConnection {
+    fn observe<T>(&mut self, result: Result<T, RedisError>) -> Result<T, RedisError> {
+        if let Err(error) = &result
+            && (error.is_io_error()
+                || error.is_connection_dropped()
+                || error.is_connection_refusal()
+                || error.is_unrecoverable_error())
+        {
+            self.broken = true;
+        }
+        result
+    }
+}
+
+impl redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_command(cmd).await;
+            self.observe(result)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let result = self
+                .inner
+                .req_packed_commands(pipeline, offset, count)
+                .await;
+            self.observe(result)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+impl bb8::ManageConnection for RedisManager {
+    type Connection = RedisConnection;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        Ok(RedisConnection {
+            inner: self.0.connect().await?,
+            broken: false,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        let result = self.0.is_valid(&mut conn.inner).await;
+        conn.observe(result)
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        conn.broken
+    }
+}
 
 /// Redis settings (`<PREFIX>_REDIS_*`).
 #[derive(Debug, Clone)]
@@ -61,13 +148,13 @@ impl RedisConfig {
 /// A pool that connects on first use: a service starts, and serves from Postgres, while its
 /// Redis is down.
 pub fn lazy_pool(config: &RedisConfig) -> Result<RedisPool, redis::RedisError> {
-    let manager = RedisConnectionManager::new(config.url.expose())?;
+    let manager = RedisManager(RedisConnectionManager::new(config.url.expose())?);
     Ok(bb8::Pool::builder()
         .max_size(config.max_connections)
         .min_idle(Some(0))
         .connection_timeout(config.connection_timeout)
-        // A broken multiplexed connection is detected by the failing command; a ping per
-        // checkout would double the round trips.
+        // A broken multiplexed connection is detected by the failing command and dropped on
+        // its return (see `RedisManager`); a ping per checkout would double the round trips.
         .test_on_check_out(false)
         .build_unchecked(manager))
 }

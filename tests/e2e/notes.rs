@@ -1527,3 +1527,127 @@ async fn a_write_through_one_replica_invalidates_what_the_other_cached() {
             .expect("serve returned Ok");
     }
 }
+
+/// A TCP forwarder to the real Redis that a test can cut (open connections dropped, new
+/// ones refused) and restore: Redis going away and coming back, as the service sees it.
+struct CuttableProxy {
+    addr: SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    async fn start(target: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accepting = tokio::spawn({
+            let (up, links) = (up.clone(), links.clone());
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection is refused
+                    }
+                    let target = target.clone();
+                    let link = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    links.lock().unwrap().push(link.abort_handle());
+                }
+            }
+        });
+        Self {
+            addr,
+            up,
+            links,
+            accepting,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accepting.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_write_while_redis_is_away_is_not_hidden_by_the_cache_when_it_returns() {
+    let infra = Infra::from_env();
+    // redis://:password@host:port/db → the same through the proxy.
+    let (head, rest) = infra.redis_url.rsplit_once('@').unwrap();
+    let (target, db) = rest.split_once('/').unwrap();
+    let proxy = CuttableProxy::start(target.to_owned()).await;
+    let redis_url = format!("{head}@{}/{db}", proxy.addr);
+    let stack = NotesStack::start(&[
+        ("REDIS_URL", redis_url.as_str()),
+        ("CACHE_BREAKER_COOLDOWN", "200ms"),
+    ])
+    .await;
+    let addr = stack.addr();
+    let ada = sign_up(addr).await;
+    let mut admin = PgConnection::connect(&infra.database_url).await.unwrap();
+    let database = stack.notes_database.clone();
+    let note = create_note(addr, &ada, &json!({"title": "Before"})).await;
+    let path = format!("/api/v1/notes/{}", id_of(&note));
+    let title = || async {
+        send(addr, "GET", &path, Some(&ada), None, &[]).await.json()["title"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(title().await, "Before");
+    let cached = || async { assert_eq!(title().await, "Before") };
+    assert_eq!(
+        statements_for(&mut admin, &database, cached).await,
+        0,
+        "cached"
+    );
+
+    // Redis goes away: the write succeeds, reads come from Postgres.
+    proxy.cut();
+    let response = send(
+        addr,
+        "PATCH",
+        &path,
+        Some(&ada),
+        Some(&json!({"title": "After"})),
+        &[],
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(title().await, "After");
+
+    // Redis is back: the stale entry (still in Redis under the old version) is never served,
+    // and reads are cached again.
+    proxy.restore();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(title().await, "After");
+    eventually(Duration::from_secs(5), "reads cached again", || async {
+        let hit = || async { assert_eq!(title().await, "After") };
+        let mut admin = PgConnection::connect(&Infra::from_env().database_url)
+            .await
+            .unwrap();
+        (statements_for(&mut admin, &database, hit).await == 0).then_some(())
+    })
+    .await;
+    stack.stop().await;
+}

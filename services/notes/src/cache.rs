@@ -148,7 +148,8 @@ struct Inner {
     redis_config: RedisConfig,
     config: CacheConfig,
     started: Instant,
-    /// Milliseconds since `started` before which Redis is skipped.
+    /// The breaker: 0 when closed, else milliseconds since `started` before which Redis is
+    /// skipped (a failure's cool-down, or the time a probe has to answer).
     skip_until_ms: AtomicU64,
     pending: Mutex<Pending>,
     read: redis::Script,
@@ -296,16 +297,14 @@ impl NotesCache {
     /// Orphans every cached detail and list page of `user` (call after the write commits,
     /// before it returns). When Redis cannot be reached the bump is kept for later.
     pub async fn invalidate(&self, user: Uuid) {
-        if !(self.flush_pending().await && self.bump(user).await) {
+        if !(self.inner.usable() && self.flush_pending().await && self.bump(user).await) {
             self.inner.remember(user);
         }
     }
 
+    /// Moves `user`'s version on (the caller checked the breaker).
     async fn bump(&self, user: Uuid) -> bool {
         let inner = &self.inner;
-        if !inner.usable() {
-            return false;
-        }
         let version_key = inner.version_key(user);
         let mut invocation = inner.bump.key(&version_key);
         invocation.arg(VERSION_TTL.as_secs());
@@ -320,7 +319,7 @@ impl NotesCache {
     }
 
     /// Replays bumps that could not reach Redis; `true` once none is pending (until then
-    /// the cache must not be read).
+    /// the cache must not be read). The caller checked the breaker.
     async fn flush_pending(&self) -> bool {
         let (users, overflowed) = {
             let pending = self.inner.lock_pending();
@@ -377,8 +376,22 @@ impl Inner {
         self.lock_pending().distrust_until_ms <= self.now_ms()
     }
 
+    /// Whether Redis may be called now: always while the breaker is closed; after a failure,
+    /// not until the cool-down is over, and then by one caller at a time (the probe) until a
+    /// call succeeds.
     fn usable(&self) -> bool {
-        self.now_ms() >= self.skip_until_ms.load(Ordering::Relaxed)
+        let until = self.skip_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now_ms();
+        if now < until {
+            return false;
+        }
+        let probe_ms = u64::try_from(self.config.redis_timeout.as_millis()).unwrap_or(u64::MAX / 4);
+        self.skip_until_ms
+            .compare_exchange(until, now + probe_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -402,11 +415,20 @@ impl Inner {
         call: impl std::future::Future<Output = Result<T, String>>,
     ) -> Option<T> {
         let error = match tokio::time::timeout(self.config.redis_timeout, call).await {
-            Ok(Ok(value)) => return Some(value),
+            Ok(Ok(value)) => {
+                if self.skip_until_ms.load(Ordering::Relaxed) != 0 {
+                    self.skip_until_ms.store(0, Ordering::Relaxed);
+                    tracing::info!("redis answers the notes cache again");
+                }
+                return Some(value);
+            }
             Ok(Err(error)) => error,
             Err(_) => "timed out".to_owned(),
         };
-        let cooldown = u64::try_from(self.config.breaker_cooldown.as_millis()).unwrap_or(0);
+        // At least 1 ms: 0 means closed.
+        let cooldown = u64::try_from(self.config.breaker_cooldown.as_millis())
+            .unwrap_or(u64::MAX / 4)
+            .max(1);
         self.skip_until_ms
             .store(self.now_ms() + cooldown, Ordering::Relaxed);
         metrics::counter!("notes_cache_redis_failures_total").increment(1);

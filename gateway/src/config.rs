@@ -9,10 +9,13 @@ use platform::{
     config::Env,
     grpc::ClientConfig,
     identity::IdentityConfig,
+    redis_pool::RedisConfig,
     shutdown::ShutdownConfig,
     telemetry::TelemetryConfig,
 };
 use tokio::net::TcpListener;
+
+use crate::ratelimit::RateLimitConfig;
 
 /// Everything the gateway reads from its environment (`GATEWAY_*`).
 #[derive(Debug, Clone)]
@@ -32,6 +35,10 @@ pub struct Config {
     pub upstream: ClientConfig,
     /// What guards every request at the edge: limits, deadlines, compression, CORS.
     pub edge: EdgeConfig,
+    /// `GATEWAY_REDIS_*` (URL required): shared rate-limit state.
+    pub redis: RedisConfig,
+    /// `GATEWAY_RATE_LIMIT_*`, `GATEWAY_TRUSTED_PROXIES`.
+    pub rate_limits: RateLimitConfig,
     pub shutdown: ShutdownConfig,
     pub telemetry: TelemetryConfig,
 }
@@ -57,6 +64,8 @@ impl Config {
                 request_timeout: env.duration_or("UPSTREAM_TIMEOUT", defaults.request_timeout),
             },
             edge: EdgeConfig::from_env(env),
+            redis: RedisConfig::from_env(env, "gateway:"),
+            rate_limits: RateLimitConfig::from_env(env),
             shutdown: ShutdownConfig::from_env(env),
             telemetry: TelemetryConfig::from_env(env, "gateway"),
         };
@@ -272,20 +281,27 @@ mod tests {
 
     /// The variables given, plus the one secret every gateway needs.
     fn env<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Env {
-        let secret = [(
-            "GATEWAY_AUTH_CLIENT_SECRET",
-            "0123456789abcdef0123456789abcdef",
-        )];
-        Env::from_pairs("GATEWAY", secret.into_iter().chain(pairs))
+        let required = [
+            (
+                "GATEWAY_AUTH_CLIENT_SECRET",
+                "0123456789abcdef0123456789abcdef",
+            ),
+            ("GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        ];
+        Env::from_pairs("GATEWAY", required.into_iter().chain(pairs))
     }
 
     #[test]
-    fn the_client_secret_is_required() {
+    fn the_client_secret_and_redis_are_required() {
         let env = Env::from_pairs("GATEWAY", std::iter::empty::<(String, String)>());
         let _ = Config::from_env(&env);
         let problems = env.finish().err().map(|e| e.problems).unwrap_or_default();
-        assert_eq!(problems.len(), 1);
-        assert_eq!(problems[0].variable, "GATEWAY_AUTH_CLIENT_SECRET");
+        let mut variables: Vec<&str> = problems.iter().map(|p| p.variable.as_str()).collect();
+        variables.sort_unstable();
+        assert_eq!(
+            variables,
+            ["GATEWAY_AUTH_CLIENT_SECRET", "GATEWAY_REDIS_URL"]
+        );
     }
 
     #[test]
@@ -293,7 +309,7 @@ mod tests {
         let env = env([("GATEWAY_NOTES_URL", "127.0.0.1:50053")]);
         let _ = Config::from_env(&env);
         let problems = env.finish().err().map(|e| e.problems).unwrap_or_default();
-        assert_eq!(problems.len(), 1);
+        assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].variable, "GATEWAY_NOTES_URL");
     }
 

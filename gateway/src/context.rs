@@ -25,28 +25,16 @@ impl FromRequestParts<crate::AppState> for SignedIn {
         parts: &mut Parts,
         state: &crate::AppState,
     ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Unauthenticated,
-                    "a bearer access token is required",
-                )
-            })?;
-        let token = header
-            .split_once(' ')
-            .filter(|(scheme, token)| {
-                scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()
-            })
-            .map(|(_, token)| token.trim())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Unauthenticated,
-                    "the Authorization header is not `Bearer <token>`",
-                )
-            })?;
+        // Verified once per request by the rate limiter, when it ran.
+        if let Some(crate::ratelimit::Verified(caller)) = parts.extensions.get() {
+            return Ok(Self(caller.clone()));
+        }
+        let token = platform::access_token::bearer_header(&parts.headers).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthenticated,
+                "a bearer access token is required (`Authorization: Bearer <token>`)",
+            )
+        })?;
         match state.identity.verify(token).await {
             Ok(caller) => Ok(Self(caller)),
             Err(error) => Err(ApiError::from(error.into_status())),
@@ -243,20 +231,25 @@ mod tests {
     }
 }
 
-/// The client's socket address, when the server was started with connection info (it is,
-/// by [`crate::serve`]). Client-sent `X-Forwarded-For` is never taken instead.
+/// The client's address: the socket's peer, or — when the peer is a trusted proxy
+/// (`GATEWAY_TRUSTED_PROXIES`) — the right-most untrusted `X-Forwarded-For` entry. A
+/// client-sent `X-Forwarded-For` is never believed otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub Option<std::net::SocketAddr>);
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        // Set by the rate limiter, which honours `GATEWAY_TRUSTED_PROXIES`; else the socket's.
+        if let Some(client) = parts.extensions.get::<Self>() {
+            return Ok(*client);
+        }
         Ok(Self(
             parts
                 .extensions
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|info| info.0),
+                .map(|info| info.0.ip()),
         ))
     }
 }

@@ -67,12 +67,17 @@ pub enum ErrorCode {
     Conflict,
     /// 412: a precondition such as an expected ETag does not hold (FAILED_PRECONDITION).
     PreconditionFailed,
+    /// 422: an `Idempotency-Key` already used for a different request (method, path or body).
+    IdempotencyKeyReused,
     /// 413: the body is larger than the route accepts.
     PayloadTooLarge,
     /// 415: the body is not `application/json`.
     UnsupportedMediaType,
     /// 429: a quota or throttle ran out (RESOURCE_EXHAUSTED); `Retry-After` says when to retry.
     ResourceExhausted,
+    /// 429: the gateway's rate limit for this caller and route class is spent; `Retry-After`,
+    /// `RateLimit` and `RateLimit-Policy` say which and until when.
+    RateLimited,
     /// 499: the call was cancelled before it finished (CANCELLED).
     RequestCancelled,
     /// 500: a failure on our side (INTERNAL, UNKNOWN, DATA_LOSS); details are only logged.
@@ -89,7 +94,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for the documentation test.
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 24] = [
         Self::BadRequest,
         Self::InvalidArgument,
         Self::ValidationFailed,
@@ -105,7 +110,9 @@ impl ErrorCode {
         Self::PreconditionFailed,
         Self::PayloadTooLarge,
         Self::UnsupportedMediaType,
+        Self::IdempotencyKeyReused,
         Self::ResourceExhausted,
+        Self::RateLimited,
         Self::RequestCancelled,
         Self::Internal,
         Self::NotImplemented,
@@ -131,7 +138,9 @@ impl ErrorCode {
             Self::PreconditionFailed => "PRECONDITION_FAILED",
             Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Self::RateLimited => "RATE_LIMITED",
             Self::RequestCancelled => "REQUEST_CANCELLED",
             Self::Internal => "INTERNAL",
             Self::NotImplemented => "NOT_IMPLEMENTED",
@@ -156,7 +165,8 @@ impl ErrorCode {
             Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::ResourceExhausted | Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::RequestCancelled => client_closed_request(),
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::NotImplemented => StatusCode::NOT_IMPLEMENTED,
@@ -183,7 +193,9 @@ impl ErrorCode {
             Self::PreconditionFailed => "Precondition failed",
             Self::PayloadTooLarge => "Payload too large",
             Self::UnsupportedMediaType => "Unsupported media type",
+            Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::ResourceExhausted => "Too many requests",
+            Self::RateLimited => "Rate limit exceeded",
             Self::RequestCancelled => "Request cancelled",
             Self::Internal => "Internal error",
             Self::NotImplemented => "Not implemented",
@@ -212,7 +224,9 @@ impl ErrorCode {
             Self::PreconditionFailed => "a precondition of the request does not hold",
             Self::PayloadTooLarge => "the request body is larger than this route accepts",
             Self::UnsupportedMediaType => "the body must be JSON (Content-Type: application/json)",
+            Self::IdempotencyKeyReused => "this Idempotency-Key was used for a different request",
             Self::ResourceExhausted => "too many requests; retry later",
+            Self::RateLimited => "the rate limit for this kind of request is spent; retry later",
             Self::RequestCancelled => "the request was cancelled",
             Self::Internal => "internal error",
             Self::NotImplemented => "this operation is not implemented",

@@ -14,9 +14,13 @@ pub mod context;
 pub mod error;
 /// Extractors that reject with `ApiError`: `ApiJson`.
 pub mod extract;
+/// `Idempotency-Key`: stored responses replayed to retries of signed-in writes.
+pub mod idempotency;
 /// What wraps every request: request id, span, metrics, problem bodies, compression, CORS,
 /// and for API routes load shedding, deadlines and body limits.
 mod middleware;
+/// Rate limits per user, per client address and per route class, shared through Redis.
+pub mod ratelimit;
 /// Every route, one module per concern.
 pub mod routes;
 /// The gRPC services behind the gateway and their health.
@@ -44,6 +48,10 @@ pub struct AppState {
     pub upstreams: Upstreams,
     /// Verifies access tokens locally, with auth's key set and revocations.
     pub identity: platform::identity::Identity,
+    pub rate_limiter: ratelimit::RateLimiter,
+    pub idempotency: idempotency::IdempotencyStore,
+    /// The gateway's Redis (rate limits, idempotency), for readiness.
+    pub redis: platform::redis_pool::RedisPool,
     /// Set once shutdown starts: `/ready` answers 503 so load balancers move traffic away.
     pub draining: Arc<AtomicBool>,
 }
@@ -56,7 +64,11 @@ pub fn app(state: AppState) -> Router {
 /// The application with `extra_api_routes` served beside the gateway's own API routes,
 /// behind the same edge guard and middleware (tests and benchmarks mount routes this way).
 pub fn app_with(state: AppState, extra_api_routes: Router<AppState>) -> Router {
-    let edge = middleware::Edge::new(&state.config.edge);
+    let edge = middleware::Edge::new(
+        &state.config.edge,
+        state.rate_limiter.clone(),
+        state.idempotency.clone(),
+    );
     middleware::apply(routes::router(&edge, extra_api_routes), &edge).with_state(state)
 }
 
@@ -87,9 +99,20 @@ pub async fn serve_with(
         upstreams.auth.channel.clone(),
         false,
     );
+    let redis = platform::redis_pool::lazy_pool(&config.redis)?;
+    let rate_limiter = ratelimit::RateLimiter::new(
+        config.rate_limits.clone(),
+        identity.clone(),
+        redis.clone(),
+        config.redis.clone(),
+    );
+    let idempotency = idempotency::IdempotencyStore::new(redis.clone(), config.redis.clone());
     let state = AppState {
         upstreams,
         identity,
+        rate_limiter,
+        idempotency,
+        redis,
         config: Arc::new(config),
         draining: Arc::new(AtomicBool::new(false)),
     };

@@ -34,6 +34,8 @@ use crate::{
     config::{CorsOrigins, EdgeConfig},
     context::{Deadline, REQUEST_ID_HEADER, RequestContext},
     error::{self, ApiError, ErrorCode},
+    idempotency::IdempotencyStore,
+    ratelimit::RateLimiter,
 };
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
@@ -48,13 +50,21 @@ pub(crate) const MAX_REQUEST_ID_LEN: usize = 128;
 pub(crate) struct Edge {
     config: EdgeConfig,
     in_flight: Arc<Semaphore>,
+    rate_limiter: RateLimiter,
+    idempotency: IdempotencyStore,
 }
 
 impl Edge {
-    pub(crate) fn new(config: &EdgeConfig) -> Self {
+    pub(crate) fn new(
+        config: &EdgeConfig,
+        rate_limiter: RateLimiter,
+        idempotency: IdempotencyStore,
+    ) -> Self {
         Self {
             config: config.clone(),
             in_flight: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            rate_limiter,
+            idempotency,
         }
     }
 
@@ -63,13 +73,23 @@ impl Edge {
     }
 
     /// `routes` behind the edge guard: shed at once while the concurrency budget is spent,
-    /// answered 504 past `timeout` (whose deadline handlers pass on to services), bodies
+    /// rate-limited (429 past a tier's limit), retries with an `Idempotency-Key` answered
+    /// from the first response, answered 504 past `timeout` (whose deadline
+    /// handlers pass on to services), bodies
     /// limited to `GATEWAY_BODY_LIMIT` unless a route sets its own
     /// `DefaultBodyLimit`. A route class with its own timeout is guarded with it.
     pub(crate) fn guard(&self, routes: Router<AppState>, timeout: Duration) -> Router<AppState> {
         routes
             .layer(DefaultBodyLimit::max(self.config.body_limit))
             .layer(from_fn_with_state(timeout, enforce_deadline))
+            .layer(from_fn_with_state(
+                self.idempotency.clone(),
+                crate::idempotency::idempotency,
+            ))
+            .layer(from_fn_with_state(
+                self.rate_limiter.clone(),
+                crate::ratelimit::rate_limit,
+            ))
             .layer(from_fn_with_state(self.in_flight.clone(), shed_load))
     }
 }

@@ -10,9 +10,11 @@
 mod auth;
 mod gateway_auth;
 mod gateway_edge;
+mod idempotency;
 mod identity;
 mod lifecycle;
 mod notes;
 mod observability;
 mod pools;
+mod rate_limits;
 mod stack;

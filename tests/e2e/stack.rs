@@ -38,6 +38,12 @@ async fn ready_turns_200_once_every_service_serves() {
         dependencies.iter().all(|d| d["state"] == "SERVING"),
         "{body}"
     );
+    // Redis answers, and the gateway catches up with auth's change stream: nothing degraded.
+    eventually(Duration::from_secs(10), "nothing degraded", || async {
+        let body = http_get(stack.gateway.addr, "/ready").await.json();
+        (body["degraded"] == serde_json::json!([])).then_some(())
+    })
+    .await;
     assert!(
         ready.headers.contains_key("x-request-id"),
         "every response carries a request id"

@@ -502,6 +502,14 @@ pub fn gateway_config(extra: &[(&str, &str)]) -> gateway::Config {
             "GATEWAY_AUTH_CLIENT_SECRET".to_owned(),
             test_client_secret("gateway"),
         ),
+        ("GATEWAY_REDIS_URL".to_owned(), Infra::from_env().redis_url),
+        // Each gateway its own keys, so tests never share rate-limit state by accident.
+        (
+            "GATEWAY_REDIS_KEY_PREFIX".to_owned(),
+            format!("e2e:{}:gateway:", uuid::Uuid::new_v4().simple()),
+        ),
+        // Tests log in far more often than people; the rate-limit tests set tiers themselves.
+        ("GATEWAY_RATE_LIMIT_SCALE".to_owned(), "1000".to_owned()),
     ];
     vars.extend(
         extra

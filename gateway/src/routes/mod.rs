@@ -4,7 +4,7 @@ mod auth;
 mod notes;
 mod ops;
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use axum::{
     Router,
@@ -38,7 +38,7 @@ pub(crate) fn call<T>(
     context: &RequestContext,
     deadline: Deadline,
     headers: &HeaderMap,
-    peer: Option<SocketAddr>,
+    client: Option<IpAddr>,
     message: T,
 ) -> Result<tonic::Request<T>, ApiError> {
     let mut request = context.grpc_request(message, deadline)?;
@@ -56,8 +56,9 @@ pub(crate) fn call<T>(
             })?;
         metadata.insert("authorization", value);
     }
-    // The address is the socket's: a client-sent X-Forwarded-For is not believed.
-    if let Some(value) = peer.and_then(|p| p.ip().to_string().parse().ok()) {
+    // The client address as the edge worked it out: a client-sent X-Forwarded-For is
+    // believed only through trusted proxies.
+    if let Some(value) = client.and_then(|ip| ip.to_string().parse().ok()) {
         metadata.insert("x-forwarded-for", value);
     }
     if let Some(value) = headers

@@ -24,18 +24,34 @@ struct Readiness {
     /// `ready`, `not_ready` or `draining`.
     status: &'static str,
     dependencies: Vec<DependencyState>,
+    /// What works in a reduced way without failing readiness: `redis` (rate limits held per
+    /// replica, idempotent retries not guaranteed), `auth_change_stream` (revocations since
+    /// the disconnect not yet known).
+    degraded: Vec<&'static str>,
 }
 
 /// Readiness: 200 only when every downstream service reports SERVING (checked in parallel,
-/// each bounded by `GATEWAY_READY_TIMEOUT`); 503 otherwise and while draining.
+/// each bounded by `GATEWAY_READY_TIMEOUT`); 503 otherwise and while draining. The
+/// gateway's own Redis and auth's change stream only degrade it: they are named in
+/// `degraded`, and the answer stays 200.
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    let dependencies = futures::future::join_all(
-        state
-            .upstreams
-            .all()
-            .map(|upstream| upstream.check(state.config.ready_timeout)),
-    )
-    .await;
+    let timeout = state.config.ready_timeout;
+    let (dependencies, redis) = tokio::join!(
+        futures::future::join_all(
+            state
+                .upstreams
+                .all()
+                .map(|upstream| upstream.check(timeout)),
+        ),
+        tokio::time::timeout(timeout, platform::redis_pool::ping(&state.redis)),
+    );
+    let mut degraded = Vec::new();
+    if !matches!(redis, Ok(Ok(()))) {
+        degraded.push("redis");
+    }
+    if !state.identity.is_live() {
+        degraded.push("auth_change_stream");
+    }
     let status = if state.draining.load(Ordering::Relaxed) {
         "draining"
     } else if dependencies.iter().all(DependencyState::is_serving) {
@@ -53,6 +69,7 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         Json(Readiness {
             status,
             dependencies,
+            degraded,
         }),
     )
 }

@@ -774,7 +774,19 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
-        finish("Login", self.inner.login(request).await)
+        let result = self.inner.login(request).await;
+        // Success ratio for SREs: what callers get wrong is told apart from what we fail at.
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(
+                AuthError::InvalidCredentials | AuthError::AccountDisabled | AuthError::Invalid(_),
+            ) => "invalid_credentials",
+            Err(AuthError::LoginThrottled { .. }) => "throttled",
+            Err(AuthError::HashPoolBusy) => "hash_pool_busy",
+            Err(_) => "error",
+        };
+        metrics::counter!("auth_logins_total", "outcome" => outcome).increment(1);
+        finish("Login", result)
     }
 
     async fn refresh(

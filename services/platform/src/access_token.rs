@@ -178,7 +178,15 @@ impl AccessTokenVerifier {
 
 /// The bearer token of `authorization: Bearer <token>` in gRPC metadata, if any.
 pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
-    let value = metadata.get("authorization")?.to_str().ok()?;
+    bearer_token(metadata.get("authorization")?.to_str().ok()?)
+}
+
+/// The bearer token of an HTTP `Authorization: Bearer <token>` header, if any.
+pub fn bearer_header(headers: &http::HeaderMap) -> Option<&str> {
+    bearer_token(headers.get(http::header::AUTHORIZATION)?.to_str().ok()?)
+}
+
+fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
 }

@@ -1651,3 +1651,45 @@ async fn a_write_while_redis_is_away_is_not_hidden_by_the_cache_when_it_returns(
     .await;
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_retried_create_or_batch_with_an_idempotency_key_writes_once() {
+    let stack = NotesStack::start(&[]).await;
+    let addr = stack.addr();
+    let ada = sign_up(addr).await;
+    let body = json!({"title": "Sent twice over a flaky network"});
+    let key = [("idempotency-key", "create-1")];
+    let first = send(addr, "POST", "/api/v1/notes", Some(&ada), Some(&body), &key).await;
+    assert_eq!(first.status, 201, "{}", first.text());
+    let retry = send(addr, "POST", "/api/v1/notes", Some(&ada), Some(&body), &key).await;
+    assert_eq!(retry.status, 201, "{}", retry.text());
+    assert_eq!(
+        retry.json()["id"],
+        first.json()["id"],
+        "the first answer, replayed"
+    );
+    assert_eq!(header(&retry, "etag"), header(&first, "etag"));
+
+    let batch = json!({"items": [{"title": "a"}, {"title": "b"}]});
+    let key = [("idempotency-key", "batch-1")];
+    for _ in 0..2 {
+        let response = send(
+            addr,
+            "POST",
+            "/api/v1/notes/batch",
+            Some(&ada),
+            Some(&batch),
+            &key,
+        )
+        .await;
+        assert_eq!(response.status, 201, "{}", response.text());
+    }
+    let listed = send(addr, "GET", "/api/v1/notes", Some(&ada), None, &[])
+        .await
+        .json();
+    assert_eq!(
+        listed["total"], 3,
+        "one note and one batch of two: {listed}"
+    );
+    stack.stop().await;
+}

@@ -56,6 +56,9 @@ const KEPT_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::ETAG, heade
 pub struct IdempotencyStore {
     redis: RedisPool,
     config: RedisConfig,
+    /// The largest body any route accepts: a request body is read (to fingerprint it) up to
+    /// this, never further.
+    max_body: usize,
 }
 
 impl std::fmt::Debug for IdempotencyStore {
@@ -87,8 +90,12 @@ impl Entry {
 }
 
 impl IdempotencyStore {
-    pub fn new(redis: RedisPool, config: RedisConfig) -> Self {
-        Self { redis, config }
+    pub fn new(redis: RedisPool, config: RedisConfig, max_body: usize) -> Self {
+        Self {
+            redis,
+            config,
+            max_body,
+        }
     }
 
     async fn connection(
@@ -208,8 +215,14 @@ pub(crate) async fn idempotency(
 
     // The body is part of the request's identity: read it (the edge bounds its size).
     let (parts, body) = request.into_parts();
-    let bytes = match body.collect().await {
+    let bytes = match http_body_util::Limited::new(body, store.max_body)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return ApiError::from_code(ErrorCode::PayloadTooLarge).into_response();
+        }
         Err(e) => {
             return ApiError::new(ErrorCode::BadRequest, "the request body could not be read")
                 .with_internal(e)

@@ -106,7 +106,11 @@ pub async fn serve_with(
         redis.clone(),
         config.redis.clone(),
     );
-    let idempotency = idempotency::IdempotencyStore::new(redis.clone(), config.redis.clone());
+    let idempotency = idempotency::IdempotencyStore::new(
+        redis.clone(),
+        config.redis.clone(),
+        config.edge.body_limit.max(routes::LARGEST_ROUTE_BODY_LIMIT),
+    );
     let state = AppState {
         upstreams,
         identity,

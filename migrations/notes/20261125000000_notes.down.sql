@@ -1,1 +1,4 @@
+drop table topics;
+drop table chapters;
 drop table notes;
+drop extension if exists btree_gin;

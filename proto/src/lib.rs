@@ -25,6 +25,11 @@ pub mod notes {
         #![allow(missing_debug_implementations, unreachable_pub, clippy::all)]
         tonic::include_proto!("notes.v1");
     }
+
+    /// The largest `notes.v1` message either side sends or accepts (tonic's default is
+    /// 4 MiB): a note at its content limit (8 MiB of text with its chapters and topics) or a
+    /// full batch fits, with room for the encoding.
+    pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 }
 
 /// The encoded `FileDescriptorSet` of every package above, for gRPC reflection.

@@ -14,6 +14,7 @@ mod gateway_edge;
 mod idempotency;
 mod identity;
 mod lifecycle;
+mod notes;
 mod observability;
 mod pools;
 mod profile;

@@ -129,13 +129,5 @@ fn forwarded<T: Default>(
     deadline: Deadline,
     headers: &HeaderMap,
 ) -> Result<tonic::Request<T>, ApiError> {
-    let mut request = context.grpc_request(T::default(), deadline)?;
-    if let Some(value) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-    {
-        request.metadata_mut().insert("authorization", value);
-    }
-    Ok(request)
+    super::call(context, deadline, headers, None, T::default())
 }

@@ -3,8 +3,6 @@
 //! signed-in caller verify the token at the edge ([`SignedIn`], [`Admin`]) and forward it:
 //! auth verifies it again.
 
-use std::net::IpAddr;
-
 use axum::{
     Router,
     extract::{Path, Query, State},
@@ -15,6 +13,7 @@ use axum::{
 use proto::auth::v1::{self as pb, auth_service_client::AuthServiceClient};
 use serde::{Deserialize, Serialize};
 
+use super::{call, rfc3339};
 use crate::{
     AppState,
     context::{Admin, ClientAddr, Deadline, RequestContext, SignedIn},
@@ -44,44 +43,6 @@ pub(crate) fn router() -> Router<AppState> {
 
 fn client(upstreams: &Upstreams) -> AuthServiceClient<platform::grpc::TracedChannel> {
     AuthServiceClient::new(upstreams.auth.channel.clone())
-}
-
-/// A request to auth carrying the caller's bearer token, client address and user agent.
-fn call<T>(
-    context: &RequestContext,
-    deadline: Deadline,
-    headers: &HeaderMap,
-    client: Option<IpAddr>,
-    message: T,
-) -> Result<tonic::Request<T>, ApiError> {
-    let mut request = context.grpc_request(message, deadline)?;
-    let metadata = request.metadata_mut();
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let value = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Unauthenticated,
-                    "the Authorization header is malformed",
-                )
-            })?;
-        metadata.insert("authorization", value);
-    }
-    // The client address as the edge worked it out: a client-sent X-Forwarded-For is
-    // believed only through trusted proxies.
-    if let Some(value) = client.and_then(|ip| ip.to_string().parse().ok()) {
-        metadata.insert("x-forwarded-for", value);
-    }
-    if let Some(value) = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-    {
-        metadata.insert("user-agent", value);
-    }
-    Ok(request)
 }
 
 #[derive(Debug, Deserialize)]
@@ -295,14 +256,6 @@ struct SessionItem {
 struct SessionsReply {
     sessions: Vec<SessionItem>,
     next_cursor: Option<String>,
-}
-
-/// RFC 3339 in UTC, as every timestamp the gateway returns.
-pub(crate) fn rfc3339(timestamp: Option<prost_types::Timestamp>) -> Option<String> {
-    let t = timestamp?;
-    let nanos = u32::try_from(t.nanos).ok()?;
-    chrono::DateTime::from_timestamp(t.seconds, nanos)
-        .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
 async fn list_sessions(

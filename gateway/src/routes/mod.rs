@@ -2,12 +2,26 @@
 
 mod admin;
 mod auth;
+mod notes;
 mod ops;
 mod profile;
 
-use axum::Router;
+use std::net::IpAddr;
 
-use crate::{AppState, middleware::Edge};
+use axum::{
+    Router,
+    http::{HeaderMap, header},
+};
+
+use crate::{
+    AppState,
+    context::{Deadline, RequestContext},
+    error::{ApiError, ErrorCode},
+    middleware::Edge,
+};
+
+/// The largest body limit a route sets for itself (above `GATEWAY_BODY_LIMIT`).
+pub(crate) const LARGEST_ROUTE_BODY_LIMIT: usize = notes::BATCH_BODY_LIMIT;
 
 /// Every route the gateway serves, before the middleware every route shares.
 ///
@@ -20,7 +34,54 @@ pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<
     let api = Router::new()
         .merge(admin::router())
         .merge(auth::router())
+        .merge(notes::router())
         .merge(profile::router())
         .merge(extra_api_routes);
     ops::router().merge(edge.guard(api, edge.config().request_timeout))
+}
+
+/// A request to a service carrying the caller's bearer token, client address and user agent.
+pub(crate) fn call<T>(
+    context: &RequestContext,
+    deadline: Deadline,
+    headers: &HeaderMap,
+    client: Option<IpAddr>,
+    message: T,
+) -> Result<tonic::Request<T>, ApiError> {
+    let mut request = context.grpc_request(message, deadline)?;
+    let metadata = request.metadata_mut();
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Unauthenticated,
+                    "the Authorization header is malformed",
+                )
+            })?;
+        metadata.insert("authorization", value);
+    }
+    // The client address as the edge worked it out: a client-sent X-Forwarded-For is
+    // believed only through trusted proxies.
+    if let Some(value) = client.and_then(|ip| ip.to_string().parse().ok()) {
+        metadata.insert("x-forwarded-for", value);
+    }
+    if let Some(value) = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        metadata.insert("user-agent", value);
+    }
+    Ok(request)
+}
+
+/// RFC 3339 in UTC, as every timestamp the gateway returns.
+pub(crate) fn rfc3339(timestamp: Option<prost_types::Timestamp>) -> Option<String> {
+    let t = timestamp?;
+    let nanos = u32::try_from(t.nanos).ok()?;
+    chrono::DateTime::from_timestamp(t.seconds, nanos)
+        .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }

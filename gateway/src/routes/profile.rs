@@ -14,12 +14,12 @@ use proto::profile::v1::{self as pb, profile_service_client::ProfileServiceClien
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::rfc3339;
 use crate::{
     AppState,
     context::{Admin, Deadline, RequestContext, SignedIn},
     error::{ApiError, ErrorCode, FieldError},
     extract::ApiJson,
-    routes::auth::rfc3339,
 };
 
 pub(crate) fn router() -> Router<AppState> {
@@ -66,28 +66,15 @@ fn client(state: &AppState) -> Client {
     ProfileServiceClient::new(state.upstreams.profile.channel.clone())
 }
 
-/// A request to profile carrying the caller's bearer token.
+/// A request to profile carrying the caller's bearer token (the client address matters to
+/// auth only).
 fn call<T>(
     context: &RequestContext,
     deadline: Deadline,
     headers: &HeaderMap,
     message: T,
 ) -> Result<tonic::Request<T>, ApiError> {
-    let mut request = context.grpc_request(message, deadline)?;
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let value = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Unauthenticated,
-                    "the Authorization header is malformed",
-                )
-            })?;
-        request.metadata_mut().insert("authorization", value);
-    }
-    Ok(request)
+    super::call(context, deadline, headers, None, message)
 }
 
 // ---------------------------------------------------------------------------

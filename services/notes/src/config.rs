@@ -1,16 +1,20 @@
 use platform::{
     cli::ShutdownSignal,
     config::Env,
+    identity::IdentityConfig,
     service::{GrpcService, ServiceConfig},
 };
 use tokio::net::TcpListener;
 
-use crate::SPEC;
+use crate::{SPEC, cache::CacheConfig};
 
-/// Everything the notes service reads from its environment.
+/// Everything the notes service reads from its environment (`NOTES_*`).
 #[derive(Debug, Clone)]
 pub struct Config {
     pub service: ServiceConfig,
+    /// Auth, for verifying callers (`NOTES_AUTH_URL`, `NOTES_AUTH_CLIENT_SECRET`, …).
+    pub identity: IdentityConfig,
+    pub cache: CacheConfig,
 }
 
 impl GrpcService for Config {
@@ -19,6 +23,8 @@ impl GrpcService for Config {
     fn from_env(env: &Env) -> Self {
         Self {
             service: ServiceConfig::from_env(&SPEC, env),
+            identity: IdentityConfig::from_env(env),
+            cache: CacheConfig::from_env(env),
         }
     }
 

@@ -4,13 +4,27 @@
 //!
 //! # Layout
 
+/// The Redis cache of note details and list pages: keys, TTLs, per-user versions.
+pub mod cache;
 /// Settings (`NOTES_*` environment variables).
 pub mod config;
+/// Validated inputs: titles, bodies, tags, statuses, ids; ETags.
+pub mod domain;
+/// Every failure and its one mapping to a gRPC status.
+pub mod error;
+/// `notes.v1.NotesService`: protobuf ↔ domain, no SQL.
+pub mod grpc;
+/// All of notes' SQL.
+pub mod store;
 
 use std::future::Future;
 
-use platform::service::{self, Resources, ServiceSpec};
-use proto::notes::v1::notes_service_server;
+use platform::{
+    grpc::ClientConfig,
+    identity::Identity,
+    service::{self, Resources, ServiceSpec},
+};
+use proto::notes::v1::notes_service_server::{self, NotesServiceServer};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
@@ -35,7 +49,20 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let resources = Resources::connect(&SPEC, &config.service)?;
-    let routes = Routes::default();
+    let auth_channel =
+        platform::grpc::lazy_channel(&config.identity.auth_url, ClientConfig::default())?;
+    let identity = Identity::start(&config.identity, SPEC.name, auth_channel, true);
+    let cache = cache::NotesCache::new(
+        resources.redis.clone(),
+        config.service.redis.clone(),
+        config.cache.clone(),
+    );
+    let api = grpc::NotesApi::new(store::Store::new(resources.db.clone()), cache, identity);
+    let routes = Routes::new(
+        NotesServiceServer::new(api)
+            .max_decoding_message_size(proto::notes::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::notes::MAX_MESSAGE_BYTES),
+    );
     service::serve(
         &SPEC,
         &config.service,

@@ -1,0 +1,1189 @@
+//! `notes.v1.NotesService`: translates between protobuf and the domain; holds no SQL.
+//!
+//! Every RPC authenticates the caller with [`platform::identity`] and acts on the caller's
+//! own notes only. Reads go through the cache; writes invalidate the caller's cached details
+//! and lists after they commit and before they answer.
+
+use std::{collections::HashSet, sync::Arc};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use platform::identity::{Caller, Identity};
+use proto::notes::v1::{self as pb, notes_service_server::NotesService};
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+use uuid::Uuid;
+
+use crate::{
+    cache::{Lookup, NotesCache},
+    domain::{self, Body, FieldViolation, NoteStatus, Title, Violations},
+    error::NotesError,
+    store::{
+        BatchChange, BatchRefusal, ChapterRow, Created, Cursor, ListFilter, NewNote, NoteChanges,
+        NoteDetail, NoteRow, Store, SummaryRow, TopicRow,
+    },
+};
+
+const PAGE_SIZE_DEFAULT: i64 = 20;
+const PAGE_SIZE_MAX: i64 = 100;
+const BATCH_CREATE_MAX: usize = 100;
+const BATCH_IDS_MAX: usize = 500;
+
+/// Everything the RPCs share.
+#[derive(Debug, Clone)]
+pub struct NotesApi {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    cache: NotesCache,
+    identity: Identity,
+}
+
+impl NotesApi {
+    pub fn new(store: Store, cache: NotesCache, identity: Identity) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                cache,
+                identity,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// The signed-in user calling: every RPC here acts on a user's own data.
+    async fn user(&self, metadata: &MetadataMap) -> Result<Uuid, NotesError> {
+        match self.identity.authenticate(metadata).await {
+            Ok(Caller::User { user_id, .. }) => Ok(user_id),
+            Ok(Caller::Service { .. }) => Err(NotesError::UserTokenRequired),
+            Err(status) => Err(NotesError::Identity(status)),
+        }
+    }
+
+    async fn create_note(
+        &self,
+        request: Request<pb::CreateNoteRequest>,
+    ) -> Result<pb::CreateNoteResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let note = request.into_inner().note.unwrap_or_default();
+        let mut violations = Violations::default();
+        let new = parse_new_note("note", note, &mut violations);
+        let Some(new) = new.filter(|_| violations.is_empty()) else {
+            return Err(NotesError::Invalid(violations.0));
+        };
+        let created = self.store.create_note(user, &new).await?;
+        self.cache.invalidate(user).await;
+        tracing::debug!(note_id = %new.id, "note created");
+        Ok(pb::CreateNoteResponse {
+            note: Some(created_note_message(user, new, created)),
+        })
+    }
+
+    /// The note with its chapters: from the cache, or loaded and cached.
+    async fn note(&self, user: Uuid, note_id: Uuid) -> Result<pb::Note, NotesError> {
+        let fill = match self.cache.detail::<pb::Note>(user, note_id).await {
+            Lookup::Hit(note) => return Ok(note),
+            Lookup::Miss(fill) => Some(fill),
+            Lookup::Bypass => None,
+        };
+        let detail = self
+            .store
+            .note_detail(user, note_id)
+            .await?
+            .ok_or(NotesError::NoteNotFound)?;
+        let note = detail_message(detail);
+        if let Some(fill) = fill {
+            self.cache.fill(fill, &note).await;
+        }
+        Ok(note)
+    }
+
+    async fn get_note(
+        &self,
+        request: Request<pb::GetNoteRequest>,
+    ) -> Result<pb::GetNoteResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let note_id = domain::id("note_id", &request.get_ref().note_id)?;
+        Ok(pb::GetNoteResponse {
+            note: Some(self.note(user, note_id).await?),
+        })
+    }
+
+    async fn update_note(
+        &self,
+        request: Request<pb::UpdateNoteRequest>,
+    ) -> Result<pb::UpdateNoteResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let mut note = body.note.unwrap_or_default();
+        let note_id = domain::id("note.note_id", &note.note_id)?;
+        let mut violations = Violations::default();
+        let mut changes = NoteChanges::default();
+        for path in mask_paths(body.update_mask.as_ref(), &mut violations) {
+            match path.as_str() {
+                "title" => {
+                    changes.title = violations.check(Title::parse("note.title", &note.title))
+                }
+                "body" => {
+                    let text = std::mem::take(&mut note.body);
+                    changes.body = violations.check(Body::parse("note.body", text));
+                }
+                "status" => match NoteStatus::from_proto("note.status", note.status) {
+                    Ok(Some(status)) => changes.status = Some(status),
+                    Ok(None) => violations.push(FieldViolation::new(
+                        "note.status",
+                        "REQUIRED",
+                        "a note's status is draft, published or archived",
+                    )),
+                    Err(violation) => violations.push(violation),
+                },
+                "tags" => changes.tags = domain::tags("note.tags", &note.tags, &mut violations),
+                "note_id" | "owner_id" | "created_at" | "updated_at" | "etag" | "chapters" => {
+                    violations.push(read_only(&path));
+                }
+                _ => violations.push(unknown_path(&path)),
+            }
+        }
+        if !violations.is_empty() {
+            return Err(NotesError::Invalid(violations.0));
+        }
+        let expected = domain::expected_version(body.expected_etag.as_deref());
+        self.store
+            .update_note(user, note_id, &changes, expected)
+            .await?;
+        self.cache.invalidate(user).await;
+        // The response shows the note as it is now, with its chapters and new ETag.
+        let detail = self
+            .store
+            .note_detail(user, note_id)
+            .await?
+            .ok_or(NotesError::NoteNotFound)?;
+        Ok(pb::UpdateNoteResponse {
+            note: Some(detail_message(detail)),
+        })
+    }
+
+    async fn delete_note(
+        &self,
+        request: Request<pb::DeleteNoteRequest>,
+    ) -> Result<pb::DeleteNoteResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let note_id = domain::id("note_id", &body.note_id)?;
+        let expected = domain::expected_version(body.expected_etag.as_deref());
+        match self.store.delete_note(user, note_id, expected).await {
+            Ok(()) => self.cache.invalidate(user).await,
+            Err(NotesError::NoteNotFound) if body.allow_missing => {}
+            Err(e) => return Err(e),
+        }
+        Ok(pb::DeleteNoteResponse {})
+    }
+
+    async fn list_notes(
+        &self,
+        request: Request<pb::ListNotesRequest>,
+    ) -> Result<pb::ListNotesResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let status = violations
+            .check(NoteStatus::from_proto("status", body.status))
+            .flatten();
+        let tags = domain::tags("tags", &body.tags, &mut violations);
+        let text = violations
+            .check(domain::text_query("query", &body.query))
+            .flatten();
+        let page_size = match i64::from(body.page_size) {
+            0 => PAGE_SIZE_DEFAULT,
+            size if size < 0 => {
+                violations.push(FieldViolation::new(
+                    "page_size",
+                    "INVALID_VALUE",
+                    "must not be negative",
+                ));
+                PAGE_SIZE_DEFAULT
+            }
+            size => size.min(PAGE_SIZE_MAX),
+        };
+        let mut tags = tags.unwrap_or_default();
+        // The same set of tags in any order is the same filter.
+        tags.sort();
+        let filter = ListFilter { status, tags, text };
+        let fingerprint = filter_fingerprint(&filter);
+        let cursor = if body.page_token.is_empty() {
+            None
+        } else {
+            violations.check(decode_page_token(&body.page_token, &fingerprint))
+        };
+        if !violations.is_empty() {
+            return Err(NotesError::Invalid(violations.0));
+        }
+
+        let page_key = format!("{fingerprint}|{page_size}|{}", body.page_token);
+        let fill = match self
+            .cache
+            .list::<pb::ListNotesResponse>(user, page_key.as_bytes())
+            .await
+        {
+            Lookup::Hit(page) => return Ok(page),
+            Lookup::Miss(fill) => Some(fill),
+            Lookup::Bypass => None,
+        };
+        // One more than a page: its presence says there is a next page.
+        let mut page = self
+            .store
+            .list_notes(user, &filter, cursor, page_size + 1)
+            .await?;
+        let has_more = i64::try_from(page.items.len()).unwrap_or(i64::MAX) > page_size;
+        page.items
+            .truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
+        let next_page_token = match page.items.last() {
+            Some(last) if has_more => encode_page_token(last.created_at, last.id, &fingerprint),
+            _ => String::new(),
+        };
+        let response = pb::ListNotesResponse {
+            items: page.items.into_iter().map(summary_message).collect(),
+            next_page_token,
+            total: i32::try_from(page.total).unwrap_or(i32::MAX),
+        };
+        if let Some(fill) = fill {
+            self.cache.fill(fill, &response).await;
+        }
+        Ok(response)
+    }
+
+    async fn batch_create_notes(
+        &self,
+        request: Request<pb::BatchCreateNotesRequest>,
+    ) -> Result<pb::BatchCreateNotesResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let items = request.into_inner().items;
+        if items.is_empty() || items.len() > BATCH_CREATE_MAX {
+            return Err(FieldViolation::new(
+                "items",
+                if items.is_empty() {
+                    "REQUIRED"
+                } else {
+                    "TOO_MANY"
+                },
+                format!("1 to {BATCH_CREATE_MAX} notes per batch"),
+            )
+            .into());
+        }
+        let mut violations = Violations::default();
+        let parsed: Vec<Option<NewNote>> = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| parse_new_note(&format!("items[{i}]"), item, &mut violations))
+            .collect();
+        if !violations.is_empty() {
+            return Err(NotesError::Invalid(violations.0));
+        }
+        let notes: Vec<NewNote> = parsed.into_iter().flatten().collect();
+        let created = self.store.create_notes(user, &notes).await?;
+        self.cache.invalidate(user).await;
+        Ok(pb::BatchCreateNotesResponse {
+            notes: notes
+                .into_iter()
+                .zip(created)
+                .map(|(note, created)| created_note_message(user, note, created))
+                .collect(),
+        })
+    }
+
+    async fn batch_update_notes(
+        &self,
+        request: Request<pb::BatchUpdateNotesRequest>,
+    ) -> Result<pb::BatchUpdateNotesResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let ids = batch_ids(&body.note_ids, &mut violations);
+        let status = match body.status.map(|s| NoteStatus::from_proto("status", s)) {
+            None => None,
+            Some(Ok(Some(status))) => Some(status),
+            Some(Ok(None)) => {
+                violations.push(FieldViolation::new(
+                    "status",
+                    "INVALID_VALUE",
+                    "a note's status is draft, published or archived",
+                ));
+                None
+            }
+            Some(Err(violation)) => {
+                violations.push(violation);
+                None
+            }
+        };
+        let set_tags = body
+            .set_tags
+            .as_ref()
+            .map(|list| domain::tags("set_tags.tags", &list.tags, &mut violations));
+        let add_tags = domain::tags("add_tags", &body.add_tags, &mut violations);
+        let remove_tags = domain::tags("remove_tags", &body.remove_tags, &mut violations);
+        if body.set_tags.is_some() && !(body.add_tags.is_empty() && body.remove_tags.is_empty()) {
+            violations.push(FieldViolation::new(
+                "set_tags",
+                "CONFLICT",
+                "set_tags replaces the tags: it cannot be combined with add_tags or remove_tags",
+            ));
+        }
+        if body.status.is_none()
+            && body.set_tags.is_none()
+            && body.add_tags.is_empty()
+            && body.remove_tags.is_empty()
+        {
+            violations.push(FieldViolation::new(
+                "status",
+                "REQUIRED",
+                "nothing to change: give a status, set_tags, add_tags or remove_tags",
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(NotesError::Invalid(violations.0));
+        }
+        let change = BatchChange {
+            status,
+            set_tags: set_tags.flatten(),
+            add_tags: add_tags.unwrap_or_default(),
+            remove_tags: remove_tags.unwrap_or_default(),
+        };
+        match self.store.update_notes(user, &ids, &change).await? {
+            Ok(rows) => {
+                self.cache.invalidate(user).await;
+                Ok(pb::BatchUpdateNotesResponse {
+                    notes: rows.into_iter().map(summary_message).collect(),
+                })
+            }
+            Err(BatchRefusal::Missing(missing)) => Err(NotesError::UnknownNotes(name_ids(
+                &ids,
+                &missing,
+                |field| FieldViolation::new(field, "NOT_FOUND", "not one of your notes"),
+            ))),
+            Err(BatchRefusal::TooManyTags(over)) => {
+                Err(NotesError::Invalid(name_ids(&ids, &over, |field| {
+                    FieldViolation::new(
+                        field,
+                        "TOO_MANY_TAGS",
+                        format!("this note would have more than {} tags", domain::TAGS_MAX),
+                    )
+                })))
+            }
+        }
+    }
+
+    async fn batch_delete_notes(
+        &self,
+        request: Request<pb::BatchDeleteNotesRequest>,
+    ) -> Result<pb::BatchDeleteNotesResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let ids = batch_ids(&body.note_ids, &mut violations);
+        if !violations.is_empty() {
+            return Err(NotesError::Invalid(violations.0));
+        }
+        match self
+            .store
+            .delete_notes(user, &ids, body.allow_missing)
+            .await?
+        {
+            Ok(deleted) => {
+                if deleted > 0 {
+                    self.cache.invalidate(user).await;
+                }
+                Ok(pb::BatchDeleteNotesResponse {
+                    deleted_count: i32::try_from(deleted).unwrap_or(i32::MAX),
+                })
+            }
+            Err(missing) => Err(NotesError::UnknownNotes(name_ids(
+                &ids,
+                &missing,
+                |field| FieldViolation::new(field, "NOT_FOUND", "not one of your notes"),
+            ))),
+        }
+    }
+
+    async fn create_chapter(
+        &self,
+        request: Request<pb::CreateChapterRequest>,
+    ) -> Result<pb::CreateChapterResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let chapter = body.chapter.unwrap_or_default();
+        let mut violations = Violations::default();
+        let note_id = violations.check(domain::id("note_id", &body.note_id));
+        let title = violations.check(Title::parse("chapter.title", &chapter.title));
+        let text = violations.check(Body::parse("chapter.body", chapter.body));
+        let position = violations.check(position("position", body.position));
+        let (Some(note_id), Some(title), Some(text), Some(position)) =
+            (note_id, title, text, position)
+        else {
+            return Err(NotesError::Invalid(violations.0));
+        };
+        let expected = domain::expected_version(body.expected_note_etag.as_deref());
+        let (chapter, version) = self
+            .store
+            .create_chapter(
+                user,
+                note_id,
+                Uuid::now_v7(),
+                &title,
+                &text,
+                position,
+                expected,
+            )
+            .await?;
+        self.cache.invalidate(user).await;
+        Ok(pb::CreateChapterResponse {
+            chapter: Some(chapter_message(note_id, chapter)),
+            note_etag: domain::etag(version),
+        })
+    }
+
+    async fn update_chapter(
+        &self,
+        request: Request<pb::UpdateChapterRequest>,
+    ) -> Result<pb::UpdateChapterResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let chapter = body.chapter.unwrap_or_default();
+        let mut violations = Violations::default();
+        let note_id = violations.check(domain::id("chapter.note_id", &chapter.note_id));
+        let chapter_id = violations.check(domain::id("chapter.chapter_id", &chapter.chapter_id));
+        let (mut title, mut text) = (None, None);
+        let mut chapter_body = Some(chapter.body);
+        for path in mask_paths(body.update_mask.as_ref(), &mut violations) {
+            match path.as_str() {
+                "title" => title = violations.check(Title::parse("chapter.title", &chapter.title)),
+                "body" => {
+                    if let Some(raw) = chapter_body.take() {
+                        text = violations.check(Body::parse("chapter.body", raw));
+                    }
+                }
+                "position" => violations.push(FieldViolation::new(
+                    "update_mask",
+                    "READ_ONLY",
+                    "`position` changes through ReorderChapters",
+                )),
+                "chapter_id" | "note_id" | "topics" | "created_at" | "updated_at" => {
+                    violations.push(read_only(&path));
+                }
+                _ => violations.push(unknown_path(&path)),
+            }
+        }
+        let (Some(note_id), Some(chapter_id), true) = (note_id, chapter_id, violations.is_empty())
+        else {
+            return Err(NotesError::Invalid(violations.0));
+        };
+        let expected = domain::expected_version(body.expected_note_etag.as_deref());
+        let (chapter, version) = self
+            .store
+            .update_chapter(
+                user,
+                note_id,
+                chapter_id,
+                title.as_ref(),
+                text.as_ref(),
+                expected,
+            )
+            .await?;
+        self.cache.invalidate(user).await;
+        Ok(pb::UpdateChapterResponse {
+            chapter: Some(chapter_message(note_id, chapter)),
+            note_etag: domain::etag(version),
+        })
+    }
+
+    async fn delete_chapter(
+        &self,
+        request: Request<pb::DeleteChapterRequest>,
+    ) -> Result<pb::DeleteChapterResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let note_id = violations.check(domain::id("note_id", &body.note_id));
+        let chapter_id = violations.check(domain::id("chapter_id", &body.chapter_id));
+        let (Some(note_id), Some(chapter_id)) = (note_id, chapter_id) else {
+            return Err(NotesError::Invalid(violations.0));
+        };
+        let expected = domain::expected_version(body.expected_note_etag.as_deref());
+        let version = self
+            .store
+            .delete_chapter(user, note_id, chapter_id, expected)
+            .await?;
+        self.cache.invalidate(user).await;
+        Ok(pb::DeleteChapterResponse {
+            note_etag: domain::etag(version),
+        })
+    }
+
+    async fn reorder_chapters(
+        &self,
+        request: Request<pb::ReorderChaptersRequest>,
+    ) -> Result<pb::ReorderChaptersResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let note_id = violations.check(domain::id("note_id", &body.note_id));
+        let ids = distinct_ids("chapter_ids", &body.chapter_ids, &mut violations);
+        let Some(note_id) = note_id.filter(|_| violations.is_empty()) else {
+            return Err(NotesError::Invalid(violations.0));
+        };
+        let expected = domain::expected_version(body.expected_note_etag.as_deref());
+        let version = self
+            .store
+            .reorder_chapters(user, note_id, &ids, expected)
+            .await?
+            .ok_or_else(|| {
+                FieldViolation::new(
+                    "chapter_ids",
+                    "NOT_A_PERMUTATION",
+                    "must list every chapter of the note, each once",
+                )
+            })?;
+        self.cache.invalidate(user).await;
+        Ok(pb::ReorderChaptersResponse {
+            chapter_ids: ids.iter().map(Uuid::to_string).collect(),
+            note_etag: domain::etag(version),
+        })
+    }
+
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<pb::CreateTopicResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let topic = body.topic.unwrap_or_default();
+        let mut violations = Violations::default();
+        let note_id = violations.check(domain::id("note_id", &body.note_id));
+        let chapter_id = violations.check(domain::id("chapter_id", &body.chapter_id));
+        let title = violations.check(Title::parse("topic.title", &topic.title));
+        let text = violations.check(Body::parse("topic.body", topic.body));
+        let position = violations.check(position("position", body.position));
+        let (Some(note_id), Some(chapter_id), Some(title), Some(text), Some(position)) =
+            (note_id, chapter_id, title, text, position)
+        else {
+            return Err(NotesError::Invalid(violations.0));
+        };
+        let expected = domain::expected_version(body.expected_note_etag.as_deref());
+        let (topic, version) = self
+            .store
+            .create_topic(
+                user,
+                note_id,
+                chapter_id,
+                Uuid::now_v7(),
+                &title,
+                &text,
+                position,
+                expected,
+            )
+            .await?;
+        self.cache.invalidate(user).await;
+        Ok(pb::CreateTopicResponse {
+            topic: Some(topic_message(note_id, topic)),
+            note_etag: domain::etag(version),
+        })
+    }
+
+    async fn update_topic(
+        &self,
+        request: Request<pb::UpdateTopicRequest>,
+    ) -> Result<pb::UpdateTopicResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let topic = body.topic.unwrap_or_default();
+        let mut violations = Violations::default();
+        let note_id = violations.check(domain::id("topic.note_id", &topic.note_id));
+        let chapter_id = violations.check(domain::id("topic.chapter_id", &topic.chapter_id));
+        let topic_id = violations.check(domain::id("topic.topic_id", &topic.topic_id));
+        let (mut title, mut text) = (None, None);
+        let mut topic_body = Some(topic.body);
+        for path in mask_paths(body.update_mask.as_ref(), &mut violations) {
+            match path.as_str() {
+                "title" => title = violations.check(Title::parse("topic.title", &topic.title)),
+                "body" => {
+                    if let Some(raw) = topic_body.take() {
+                        text = violations.check(Body::parse("topic.body", raw));
+                    }
+                }
+                "position" => violations.push(FieldViolation::new(
+                    "update_mask",
+                    "READ_ONLY",
+                    "`position` changes through ReorderTopics",
+                )),
+                "topic_id" | "chapter_id" | "note_id" | "created_at" | "updated_at" => {
+                    violations.push(read_only(&path));
+                }
+                _ => violations.push(unknown_path(&path)),
+            }
+        }
+        let (Some(note_id), Some(chapter_id), Some(topic_id), true) =
+            (note_id, chapter_id, topic_id, violations.is_empty())
+        else {
+            return Err(NotesError::Invalid(violations.0));
+        };
+        let expected = domain::expected_version(body.expected_note_etag.as_deref());
+        let (topic, version) = self
+            .store
+            .update_topic(
+                user,
+                note_id,
+                chapter_id,
+                topic_id,
+                title.as_ref(),
+                text.as_ref(),
+                expected,
+            )
+            .await?;
+        self.cache.invalidate(user).await;
+        Ok(pb::UpdateTopicResponse {
+            topic: Some(topic_message(note_id, topic)),
+            note_etag: domain::etag(version),
+        })
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<pb::DeleteTopicResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let note_id = violations.check(domain::id("note_id", &body.note_id));
+        let chapter_id = violations.check(domain::id("chapter_id", &body.chapter_id));
+        let topic_id = violations.check(domain::id("topic_id", &body.topic_id));
+        let (Some(note_id), Some(chapter_id), Some(topic_id)) = (note_id, chapter_id, topic_id)
+        else {
+            return Err(NotesError::Invalid(violations.0));
+        };
+        let expected = domain::expected_version(body.expected_note_etag.as_deref());
+        let version = self
+            .store
+            .delete_topic(user, note_id, chapter_id, topic_id, expected)
+            .await?;
+        self.cache.invalidate(user).await;
+        Ok(pb::DeleteTopicResponse {
+            note_etag: domain::etag(version),
+        })
+    }
+
+    async fn reorder_topics(
+        &self,
+        request: Request<pb::ReorderTopicsRequest>,
+    ) -> Result<pb::ReorderTopicsResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let note_id = violations.check(domain::id("note_id", &body.note_id));
+        let chapter_id = violations.check(domain::id("chapter_id", &body.chapter_id));
+        let ids = distinct_ids("topic_ids", &body.topic_ids, &mut violations);
+        let (Some(note_id), Some(chapter_id), true) = (note_id, chapter_id, violations.is_empty())
+        else {
+            return Err(NotesError::Invalid(violations.0));
+        };
+        let expected = domain::expected_version(body.expected_note_etag.as_deref());
+        let version = self
+            .store
+            .reorder_topics(user, note_id, chapter_id, &ids, expected)
+            .await?
+            .ok_or_else(|| {
+                FieldViolation::new(
+                    "topic_ids",
+                    "NOT_A_PERMUTATION",
+                    "must list every topic of the chapter, each once",
+                )
+            })?;
+        self.cache.invalidate(user).await;
+        Ok(pb::ReorderTopicsResponse {
+            topic_ids: ids.iter().map(Uuid::to_string).collect(),
+            note_etag: domain::etag(version),
+        })
+    }
+}
+
+/// A note to create from the wire (title, body, status, tags; output-only fields ignored),
+/// its violations named under `prefix` (`note`, `items[3]`).
+fn parse_new_note(prefix: &str, note: pb::Note, violations: &mut Violations) -> Option<NewNote> {
+    let title = violations.check(Title::parse(&format!("{prefix}.title"), &note.title));
+    let body = violations.check(Body::parse(&format!("{prefix}.body"), note.body));
+    let status = violations.check(NoteStatus::from_proto(
+        &format!("{prefix}.status"),
+        note.status,
+    ));
+    let tags = domain::tags(&format!("{prefix}.tags"), &note.tags, violations);
+    Some(NewNote {
+        id: Uuid::now_v7(),
+        title: title?,
+        body: body?,
+        status: status?.unwrap_or(NoteStatus::Draft),
+        tags: tags?,
+    })
+}
+
+/// The paths of an update mask; none is a violation (a PATCH names what it changes).
+fn mask_paths(mask: Option<&prost_types::FieldMask>, violations: &mut Violations) -> Vec<String> {
+    let paths: Vec<String> = mask.map(|m| m.paths.clone()).unwrap_or_default();
+    if paths.is_empty() {
+        violations.push(FieldViolation::new(
+            "update_mask",
+            "REQUIRED",
+            "name the fields to change",
+        ));
+    }
+    paths
+}
+
+fn read_only(path: &str) -> FieldViolation {
+    FieldViolation::new(
+        "update_mask",
+        "READ_ONLY",
+        format!("`{path}` cannot be changed"),
+    )
+}
+
+fn unknown_path(path: &str) -> FieldViolation {
+    FieldViolation::new(
+        "update_mask",
+        "UNKNOWN_FIELD",
+        format!("`{path}` is not a field that can be changed"),
+    )
+}
+
+/// An insert position: unset = the end; negative is refused.
+fn position(field: &str, position: Option<i32>) -> Result<Option<i32>, FieldViolation> {
+    match position {
+        Some(p) if p < 0 => Err(FieldViolation::new(
+            field,
+            "INVALID_VALUE",
+            "must not be negative",
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Ids for a batch: 1 to 500, each a UUID, none twice.
+fn batch_ids(raw: &[String], violations: &mut Violations) -> Vec<Uuid> {
+    if raw.is_empty() || raw.len() > BATCH_IDS_MAX {
+        violations.push(FieldViolation::new(
+            "note_ids",
+            if raw.is_empty() {
+                "REQUIRED"
+            } else {
+                "TOO_MANY"
+            },
+            format!("1 to {BATCH_IDS_MAX} note ids per batch"),
+        ));
+        return Vec::new();
+    }
+    distinct_ids("note_ids", raw, violations)
+}
+
+/// Each entry a UUID, none twice; violations name the entry (`chapter_ids[3]`).
+fn distinct_ids(field: &str, raw: &[String], violations: &mut Violations) -> Vec<Uuid> {
+    let mut seen = HashSet::with_capacity(raw.len());
+    let mut ids = Vec::with_capacity(raw.len());
+    for (i, text) in raw.iter().enumerate() {
+        let Some(id) = violations.check(domain::id(format!("{field}[{i}]"), text)) else {
+            continue;
+        };
+        if seen.insert(id) {
+            ids.push(id);
+        } else {
+            violations.push(FieldViolation::new(
+                format!("{field}[{i}]"),
+                "DUPLICATE",
+                "listed more than once",
+            ));
+        }
+    }
+    ids
+}
+
+/// Violations naming each of `which` by its index in the request's `note_ids`.
+fn name_ids(
+    ids: &[Uuid],
+    which: &[Uuid],
+    violation: impl Fn(String) -> FieldViolation,
+) -> Vec<FieldViolation> {
+    let which: HashSet<&Uuid> = which.iter().collect();
+    ids.iter()
+        .enumerate()
+        .filter(|(_, id)| which.contains(id))
+        .map(|(i, _)| violation(format!("note_ids[{i}]")))
+        .collect()
+}
+
+/// A short digest of a list's filters, carried in its page tokens: a token is refused with
+/// other filters (its position means nothing there).
+fn filter_fingerprint(filter: &ListFilter) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut digest = Sha256::new();
+    digest.update(filter.status.map_or("", NoteStatus::as_str));
+    for tag in &filter.tags {
+        digest.update([0u8]);
+        digest.update(tag);
+    }
+    digest.update([1u8]);
+    digest.update(filter.text.as_deref().unwrap_or_default());
+    digest.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Keyset page token: `<created_at micros>.<id>.<filter fingerprint>`, base64url. Opaque to
+/// clients.
+fn encode_page_token(created_at: DateTime<Utc>, id: Uuid, fingerprint: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!(
+        "{}.{id}.{fingerprint}",
+        created_at.timestamp_micros()
+    ))
+}
+
+fn decode_page_token(token: &str, fingerprint: &str) -> Result<Cursor, FieldViolation> {
+    let invalid = |message: &str| FieldViolation::new("page_token", "INVALID_PAGE_TOKEN", message);
+    let text = URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| invalid("not a page token of this list"))?;
+    let mut parts = text.splitn(3, '.');
+    let (Some(micros), Some(id), Some(filters)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(invalid("not a page token of this list"));
+    };
+    let created_at = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(|| invalid("not a page token of this list"))?;
+    let id = Uuid::parse_str(id).map_err(|_| invalid("not a page token of this list"))?;
+    if filters != fingerprint {
+        return Err(invalid(
+            "this page token belongs to a list with other filters",
+        ));
+    }
+    Ok(Cursor { created_at, id })
+}
+
+fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn status_of(stored: &str) -> i32 {
+    NoteStatus::from_db(stored).to_proto().into()
+}
+
+fn created_note_message(owner: Uuid, note: NewNote, created: Created) -> pb::Note {
+    pb::Note {
+        note_id: note.id.to_string(),
+        owner_id: owner.to_string(),
+        title: note.title.as_str().to_owned(),
+        body: note.body.into_string(),
+        status: note.status.to_proto().into(),
+        tags: note.tags,
+        created_at: Some(timestamp(created.created_at)),
+        updated_at: Some(timestamp(created.updated_at)),
+        etag: domain::etag(created.version),
+        chapters: Vec::new(),
+    }
+}
+
+fn note_message(note: NoteRow, chapters: Vec<pb::Chapter>) -> pb::Note {
+    pb::Note {
+        note_id: note.id.to_string(),
+        owner_id: note.owner_id.to_string(),
+        title: note.title,
+        body: note.body,
+        status: status_of(&note.status),
+        tags: note.tags,
+        created_at: Some(timestamp(note.created_at)),
+        updated_at: Some(timestamp(note.updated_at)),
+        etag: domain::etag(note.version),
+        chapters,
+    }
+}
+
+fn detail_message(detail: NoteDetail) -> pb::Note {
+    let note_id = detail.note.id;
+    let chapters = detail
+        .chapters
+        .into_iter()
+        .map(|c| chapter_message(note_id, c))
+        .collect();
+    note_message(detail.note, chapters)
+}
+
+fn summary_message(row: SummaryRow) -> pb::NoteSummary {
+    pb::NoteSummary {
+        note_id: row.id.to_string(),
+        title: row.title,
+        status: status_of(&row.status),
+        tags: row.tags,
+        created_at: Some(timestamp(row.created_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+        etag: domain::etag(row.version),
+    }
+}
+
+fn chapter_message(note_id: Uuid, chapter: ChapterRow) -> pb::Chapter {
+    pb::Chapter {
+        chapter_id: chapter.id.to_string(),
+        note_id: note_id.to_string(),
+        title: chapter.title,
+        body: chapter.body,
+        position: chapter.position,
+        topics: chapter
+            .topics
+            .into_iter()
+            .map(|t| topic_message(note_id, t))
+            .collect(),
+        created_at: Some(timestamp(chapter.created_at)),
+        updated_at: Some(timestamp(chapter.updated_at)),
+    }
+}
+
+fn topic_message(note_id: Uuid, topic: TopicRow) -> pb::Topic {
+    pb::Topic {
+        topic_id: topic.id.to_string(),
+        chapter_id: topic.chapter_id.to_string(),
+        note_id: note_id.to_string(),
+        title: topic.title,
+        body: topic.body,
+        position: topic.position,
+        created_at: Some(timestamp(topic.created_at)),
+        updated_at: Some(timestamp(topic.updated_at)),
+    }
+}
+
+fn finish<T>(method: &'static str, result: Result<T, NotesError>) -> Result<Response<T>, Status> {
+    match result {
+        Ok(value) => Ok(Response::new(value)),
+        Err(error) => {
+            let status = Status::from(error);
+            tracing::debug!(method, code = ?status.code(), "notes call refused");
+            Err(status)
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl NotesService for NotesApi {
+    async fn create_note(
+        &self,
+        request: Request<pb::CreateNoteRequest>,
+    ) -> Result<Response<pb::CreateNoteResponse>, Status> {
+        finish("CreateNote", self.inner.create_note(request).await)
+    }
+
+    async fn get_note(
+        &self,
+        request: Request<pb::GetNoteRequest>,
+    ) -> Result<Response<pb::GetNoteResponse>, Status> {
+        finish("GetNote", self.inner.get_note(request).await)
+    }
+
+    async fn update_note(
+        &self,
+        request: Request<pb::UpdateNoteRequest>,
+    ) -> Result<Response<pb::UpdateNoteResponse>, Status> {
+        finish("UpdateNote", self.inner.update_note(request).await)
+    }
+
+    async fn delete_note(
+        &self,
+        request: Request<pb::DeleteNoteRequest>,
+    ) -> Result<Response<pb::DeleteNoteResponse>, Status> {
+        finish("DeleteNote", self.inner.delete_note(request).await)
+    }
+
+    async fn list_notes(
+        &self,
+        request: Request<pb::ListNotesRequest>,
+    ) -> Result<Response<pb::ListNotesResponse>, Status> {
+        finish("ListNotes", self.inner.list_notes(request).await)
+    }
+
+    async fn batch_create_notes(
+        &self,
+        request: Request<pb::BatchCreateNotesRequest>,
+    ) -> Result<Response<pb::BatchCreateNotesResponse>, Status> {
+        finish(
+            "BatchCreateNotes",
+            self.inner.batch_create_notes(request).await,
+        )
+    }
+
+    async fn batch_update_notes(
+        &self,
+        request: Request<pb::BatchUpdateNotesRequest>,
+    ) -> Result<Response<pb::BatchUpdateNotesResponse>, Status> {
+        finish(
+            "BatchUpdateNotes",
+            self.inner.batch_update_notes(request).await,
+        )
+    }
+
+    async fn batch_delete_notes(
+        &self,
+        request: Request<pb::BatchDeleteNotesRequest>,
+    ) -> Result<Response<pb::BatchDeleteNotesResponse>, Status> {
+        finish(
+            "BatchDeleteNotes",
+            self.inner.batch_delete_notes(request).await,
+        )
+    }
+
+    async fn create_chapter(
+        &self,
+        request: Request<pb::CreateChapterRequest>,
+    ) -> Result<Response<pb::CreateChapterResponse>, Status> {
+        finish("CreateChapter", self.inner.create_chapter(request).await)
+    }
+
+    async fn update_chapter(
+        &self,
+        request: Request<pb::UpdateChapterRequest>,
+    ) -> Result<Response<pb::UpdateChapterResponse>, Status> {
+        finish("UpdateChapter", self.inner.update_chapter(request).await)
+    }
+
+    async fn delete_chapter(
+        &self,
+        request: Request<pb::DeleteChapterRequest>,
+    ) -> Result<Response<pb::DeleteChapterResponse>, Status> {
+        finish("DeleteChapter", self.inner.delete_chapter(request).await)
+    }
+
+    async fn reorder_chapters(
+        &self,
+        request: Request<pb::ReorderChaptersRequest>,
+    ) -> Result<Response<pb::ReorderChaptersResponse>, Status> {
+        finish(
+            "ReorderChapters",
+            self.inner.reorder_chapters(request).await,
+        )
+    }
+
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        finish("CreateTopic", self.inner.create_topic(request).await)
+    }
+
+    async fn update_topic(
+        &self,
+        request: Request<pb::UpdateTopicRequest>,
+    ) -> Result<Response<pb::UpdateTopicResponse>, Status> {
+        finish("UpdateTopic", self.inner.update_topic(request).await)
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        finish("DeleteTopic", self.inner.delete_topic(request).await)
+    }
+
+    async fn reorder_topics(
+        &self,
+        request: Request<pb::ReorderTopicsRequest>,
+    ) -> Result<Response<pb::ReorderTopicsResponse>, Status> {
+        finish("ReorderTopics", self.inner.reorder_topics(request).await)
+    }
+
+    // Generation jobs, notifications and the pool status keep the generated UNIMPLEMENTED
+    // answers until they are built.
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: fail loudly")]
+
+    use prost::Message as _;
+
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_are_bound_to_their_filters() {
+        let at = DateTime::from_timestamp_micros(1_764_000_000_123_456).unwrap();
+        let id = Uuid::now_v7();
+        let drafts = ListFilter {
+            status: Some(NoteStatus::Draft),
+            ..ListFilter::default()
+        };
+        let fingerprint = filter_fingerprint(&drafts);
+        let token = encode_page_token(at, id, &fingerprint);
+        assert_eq!(
+            decode_page_token(&token, &fingerprint).unwrap(),
+            Cursor { created_at: at, id }
+        );
+        let other = filter_fingerprint(&ListFilter::default());
+        assert_ne!(fingerprint, other);
+        assert_eq!(
+            decode_page_token(&token, &other).unwrap_err().code,
+            "INVALID_PAGE_TOKEN"
+        );
+        assert!(decode_page_token("nope", &fingerprint).is_err());
+        assert!(decode_page_token(&URL_SAFE_NO_PAD.encode("12.x.y"), &fingerprint).is_err());
+    }
+
+    #[test]
+    fn batch_ids_name_bad_and_repeated_entries() {
+        let id = Uuid::now_v7().to_string();
+        let mut violations = Violations::default();
+        let ids = batch_ids(&[id.clone(), "x".to_owned(), id], &mut violations);
+        assert_eq!(ids.len(), 1);
+        let named: Vec<_> = violations
+            .0
+            .iter()
+            .map(|v| (v.field.as_str(), v.code))
+            .collect();
+        assert_eq!(
+            named,
+            [("note_ids[1]", "INVALID_ID"), ("note_ids[2]", "DUPLICATE")]
+        );
+        let mut violations = Violations::default();
+        batch_ids(&[], &mut violations);
+        assert_eq!(violations.0[0].code, "REQUIRED");
+    }
+
+    #[test]
+    fn a_new_note_names_every_bad_field_under_its_prefix() {
+        let mut violations = Violations::default();
+        let note = pb::Note {
+            title: " ".to_owned(),
+            status: 42,
+            tags: vec!["ok".to_owned(), String::new()],
+            ..pb::Note::default()
+        };
+        assert!(parse_new_note("items[2]", note, &mut violations).is_none());
+        let fields: Vec<_> = violations.0.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["items[2].title", "items[2].status", "items[2].tags[1]"]
+        );
+    }
+
+    #[test]
+    fn cache_shapes_round_trip() {
+        let response = pb::ListNotesResponse {
+            total: 3,
+            ..Default::default()
+        };
+        let bytes = response.encode_to_vec();
+        assert_eq!(
+            pb::ListNotesResponse::decode(bytes.as_slice()).unwrap(),
+            response
+        );
+    }
+}

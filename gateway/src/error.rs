@@ -336,7 +336,7 @@ fn message_is_for_clients(code: Code) -> bool {
 }
 
 /// One invalid field of a validation error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// The field's path in the request, e.g. `items[2].title`; empty for the whole body.
     pub field: String,
@@ -589,17 +589,26 @@ fn retry_after_seconds(delay: Duration) -> HeaderValue {
 }
 
 /// The problem details body (RFC 9457) with the gateway's extension members.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct Problem<'a> {
+    /// `https://errors.svcset.dev/` followed by `code`.
     #[serde(rename = "type")]
     type_uri: String,
+    /// A short summary, the same for every occurrence of the code.
     title: &'a str,
+    /// The HTTP status, repeated.
     status: u16,
+    /// What went wrong with this request, for people.
     detail: &'a str,
+    /// The stable machine code (docs/errors.md); clients switch on it.
     code: &'a str,
+    /// The response's `X-Request-Id`.
     request_id: &'a str,
+    /// The W3C trace id of the request (32 lowercase hex digits).
     trace_id: &'a str,
+    /// For validation errors: one entry per invalid field.
     #[serde(skip_serializing_if = "<[FieldError]>::is_empty")]
+    #[schema(required = false)]
     errors: &'a [FieldError],
 }
 

@@ -19,6 +19,8 @@ pub mod idempotency;
 /// What wraps every request: request id, span, metrics, problem bodies, compression, CORS,
 /// and for API routes load shedding, deadlines and body limits.
 mod middleware;
+/// The OpenAPI document at `/openapi.json` and its page at `/docs`.
+pub mod openapi;
 /// Rate limits per user, per client address and per route class, shared through Redis.
 pub mod ratelimit;
 /// Every route, one module per concern.

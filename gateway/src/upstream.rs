@@ -67,7 +67,7 @@ impl Upstreams {
 }
 
 /// What one health check found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DependencyState {
     pub name: &'static str,
     pub service: &'static str,

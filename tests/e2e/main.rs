@@ -16,6 +16,7 @@ mod identity;
 mod lifecycle;
 mod notes;
 mod observability;
+mod openapi;
 mod pools;
 mod profile;
 mod rate_limits;

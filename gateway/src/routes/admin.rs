@@ -1,13 +1,14 @@
 //! `GET /admin/db-pool-status`: each service's Postgres and Redis pools as one replica of it
 //! reports them (`GetPoolStatus`), for administrators.
 
-use axum::{Json, Router, extract::State, http::HeaderMap, routing::get};
+use axum::{Json, extract::State, http::HeaderMap};
 use proto::{
     auth::v1::auth_service_client::AuthServiceClient,
     notes::v1::notes_service_client::NotesServiceClient,
     profile::v1::profile_service_client::ProfileServiceClient,
 };
 use serde::Serialize;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     AppState,
@@ -15,17 +16,17 @@ use crate::{
     error::{ApiError, ErrorCode},
 };
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new().route("/admin/db-pool-status", get(db_pool_status))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(db_pool_status))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct PoolStatusReply {
     services: Vec<ServicePools>,
 }
 
 /// One service's answer, or the code of its failure (the others are still shown).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ServicePools {
     service: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -35,7 +36,7 @@ struct ServicePools {
     error: Option<&'static str>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct PoolItem {
     /// `postgres` or `redis`.
     name: String,
@@ -63,6 +64,11 @@ macro_rules! pool_items {
     };
 }
 
+#[utoipa::path(
+    get, path = "/admin/db-pool-status", tag = "admin",
+    responses((status = 200, description = "Each service's pools, or the code of its failure", body = PoolStatusReply)),
+    security(("bearer" = []))
+)]
 async fn db_pool_status(
     State(state): State<AppState>,
     context: RequestContext,

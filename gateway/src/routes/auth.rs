@@ -4,14 +4,13 @@
 //! auth verifies it again.
 
 use axum::{
-    Router,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode, header},
     response::IntoResponse,
-    routing::{delete, get, post, put},
 };
 use proto::auth::v1::{self as pb, auth_service_client::AuthServiceClient};
 use serde::{Deserialize, Serialize};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{call, rfc3339};
 use crate::{
@@ -23,40 +22,42 @@ use crate::{
 };
 
 /// Routes a client may call without a token: the API edge still guards them.
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/auth/register", post(register))
-        .route("/api/v1/auth/login", post(login))
-        .route("/api/v1/auth/refresh", post(refresh))
-        .route("/api/v1/auth/logout", post(logout))
-        .route("/api/v1/auth/logout-all", post(logout_all))
-        .route("/api/v1/auth/sessions", get(list_sessions))
-        .route("/api/v1/auth/sessions/{id}", delete(revoke_session))
-        .route("/api/v1/auth/password", post(change_password))
-        .route("/.well-known/jwks.json", get(jwks))
-        .route("/api/v1/admin/roles", get(list_roles))
-        .route(
-            "/api/v1/admin/users/{id}/roles/{role}",
-            put(assign_role).delete(revoke_role),
-        )
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
+        .routes(routes!(logout_all))
+        .routes(routes!(list_sessions))
+        .routes(routes!(revoke_session))
+        .routes(routes!(change_password))
+        .routes(routes!(jwks))
+        .routes(routes!(list_roles))
+        .routes(routes!(assign_role, revoke_role))
 }
 
 fn client(upstreams: &Upstreams) -> AuthServiceClient<platform::grpc::TracedChannel> {
     AuthServiceClient::new(upstreams.auth.channel.clone())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct RegisterBody {
     email: String,
     password: String,
     display_name: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct RegisterReply {
     user_id: String,
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/auth/register", tag = "auth",
+    request_body = RegisterBody,
+    responses((status = 201, description = "The account exists", body = RegisterReply))
+)]
 async fn register(
     State(state): State<AppState>,
     context: RequestContext,
@@ -88,7 +89,7 @@ async fn register(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct LoginBody {
     email: String,
     password: String,
@@ -97,7 +98,7 @@ struct LoginBody {
 }
 
 /// The login and refresh answer: minimal, the rest loads from the profile on demand.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct TokenReply {
     access_token: String,
     refresh_token: String,
@@ -135,6 +136,11 @@ fn no_store(reply: TokenReply) -> impl IntoResponse {
     ([(header::CACHE_CONTROL, "no-store")], ApiJson(reply))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/auth/login", tag = "auth",
+    request_body = LoginBody,
+    responses((status = 200, description = "A new session's tokens (`Cache-Control: no-store`)", body = TokenReply))
+)]
 async fn login(
     State(state): State<AppState>,
     context: RequestContext,
@@ -158,11 +164,16 @@ async fn login(
     Ok(no_store(reply.into()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct RefreshBody {
     refresh_token: String,
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/auth/refresh", tag = "auth",
+    request_body = RefreshBody,
+    responses((status = 200, description = "Rotated tokens (`Cache-Control: no-store`)", body = TokenReply))
+)]
 async fn refresh(
     State(state): State<AppState>,
     context: RequestContext,
@@ -187,7 +198,7 @@ async fn refresh(
     Ok(no_store(reply.into()))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 struct LogoutBody {
     #[serde(default)]
     refresh_token: Option<String>,
@@ -195,6 +206,12 @@ struct LogoutBody {
 
 /// Ends this session: by the access token, or by a refresh token in the body when the access
 /// token has expired. The body is optional.
+#[utoipa::path(
+    post, path = "/api/v1/auth/logout", tag = "auth",
+    request_body(content = Option<LogoutBody>, description = "Optional: the refresh token, when the access token has expired"),
+    responses((status = 204, description = "The session is over")),
+    security((), ("bearer" = []))
+)]
 async fn logout(
     State(state): State<AppState>,
     context: RequestContext,
@@ -220,6 +237,11 @@ async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/auth/logout-all", tag = "auth",
+    responses((status = 204, description = "Every session of the caller is over")),
+    security(("bearer" = []))
+)]
 async fn logout_all(
     State(state): State<AppState>,
     context: RequestContext,
@@ -232,7 +254,8 @@ async fn logout_all(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListSessionsQuery {
     #[serde(default)]
     limit: Option<i32>,
@@ -240,7 +263,7 @@ struct ListSessionsQuery {
     cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct SessionItem {
     id: String,
     device_name: String,
@@ -252,12 +275,18 @@ struct SessionItem {
     current: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct SessionsReply {
     sessions: Vec<SessionItem>,
     next_cursor: Option<String>,
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/auth/sessions", tag = "auth",
+    params(ListSessionsQuery),
+    responses((status = 200, description = "The caller's sessions, a page", body = SessionsReply)),
+    security(("bearer" = []))
+)]
 async fn list_sessions(
     State(state): State<AppState>,
     context: RequestContext,
@@ -303,6 +332,12 @@ async fn list_sessions(
     }))
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/auth/sessions/{id}", tag = "auth",
+    params(("id" = String, Path, description = "The session id")),
+    responses((status = 204, description = "The session is over")),
+    security(("bearer" = []))
+)]
 async fn revoke_session(
     State(state): State<AppState>,
     context: RequestContext,
@@ -322,18 +357,24 @@ async fn revoke_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct ChangePasswordBody {
     current_password: String,
     new_password: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ChangePasswordReply {
     /// Other sessions ended by the change.
     revoked_sessions: i32,
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/auth/password", tag = "auth",
+    request_body = ChangePasswordBody,
+    responses((status = 200, description = "Changed; the other sessions are ended", body = ChangePasswordReply)),
+    security(("bearer" = []))
+)]
 async fn change_password(
     State(state): State<AppState>,
     context: RequestContext,
@@ -362,7 +403,7 @@ async fn change_password(
     }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct JwkItem {
     kty: String,
     crv: String,
@@ -373,11 +414,15 @@ struct JwkItem {
     use_: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct JwksReply {
     keys: Vec<JwkItem>,
 }
 
+#[utoipa::path(
+    get, path = "/.well-known/jwks.json", tag = "auth",
+    responses((status = 200, description = "The public keys that verify access tokens", body = JwksReply))
+)]
 async fn jwks(
     State(state): State<AppState>,
     context: RequestContext,
@@ -407,7 +452,7 @@ async fn jwks(
     ))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct RoleItem {
     name: String,
     description: String,
@@ -415,11 +460,16 @@ struct RoleItem {
     created_at: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct RolesReply {
     roles: Vec<RoleItem>,
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/admin/roles", tag = "admin",
+    responses((status = 200, description = "Every role", body = RolesReply)),
+    security(("bearer" = []))
+)]
 async fn list_roles(
     State(state): State<AppState>,
     context: RequestContext,
@@ -453,6 +503,12 @@ async fn list_roles(
 }
 
 /// `PUT` gives the role (idempotently), `DELETE` takes it.
+#[utoipa::path(
+    put, path = "/api/v1/admin/users/{id}/roles/{role}", tag = "admin",
+    params(("id" = String, Path, description = "The user id"), ("role" = String, Path, description = "The role name")),
+    responses((status = 204, description = "The user has the role")),
+    security(("bearer" = []))
+)]
 async fn assign_role(
     State(state): State<AppState>,
     context: RequestContext,
@@ -472,6 +528,12 @@ async fn assign_role(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/admin/users/{id}/roles/{role}", tag = "admin",
+    params(("id" = String, Path, description = "The user id"), ("role" = String, Path, description = "The role name")),
+    responses((status = 204, description = "The user no longer has the role")),
+    security(("bearer" = []))
+)]
 async fn revoke_role(
     State(state): State<AppState>,
     context: RequestContext,

@@ -12,6 +12,7 @@ use axum::{
     Router,
     http::{HeaderMap, header},
 };
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::{
     AppState,
@@ -25,19 +26,33 @@ pub(crate) const LARGEST_ROUTE_BODY_LIMIT: usize = notes::BATCH_BODY_LIMIT;
 
 /// Every route the gateway serves, before the middleware every route shares.
 ///
-/// Operators' routes (`/health`, `/ready`, `/metrics`) stay outside the edge guard: they are
-/// never shed, so probes and scrapes still answer under overload, and `/ready` bounds its own
-/// checks. API routes, one module per upstream service, go behind it: each module's
-/// `router()` merged into `api`, a route class with its own timeout guarded separately with
-/// `edge.guard(class_routes, its_timeout)`.
+/// Operators' routes (`/health`, `/ready`, `/metrics`, `/openapi.json`, `/docs`) stay outside
+/// the edge guard: they are never shed, so probes and scrapes still answer under overload,
+/// and `/ready` bounds its own checks. API routes, one module per upstream service, go behind
+/// it: each module's `router()` merged in [`api_routes`], a route class with its own timeout
+/// guarded separately with `edge.guard(class_routes, its_timeout)`.
 pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<AppState> {
-    let api = Router::new()
+    let api = Router::from(api_routes()).merge(extra_api_routes);
+    Router::from(ops::router()).merge(edge.guard(api, edge.config().request_timeout))
+}
+
+/// Every route with its OpenAPI description: the router above and the document at
+/// `/openapi.json` are both built from it, so they list the same routes.
+///
+/// A module registers a route once, from its handler: `#[utoipa::path(post, path = "/x",
+/// ...)]` on the handler, and `.routes(routes!(handler))` in the module's `router()` (one
+/// `routes!` per path, naming every method's handler; a layer for that path goes on it:
+/// `routes!(a, b).layer(...)`).
+pub(crate) fn documented() -> OpenApiRouter<AppState> {
+    ops::router().merge(api_routes())
+}
+
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
         .merge(admin::router())
         .merge(auth::router())
         .merge(notes::router())
         .merge(profile::router())
-        .merge(extra_api_routes);
-    ops::router().merge(edge.guard(api, edge.config().request_timeout))
 }
 
 /// A request to a service carrying the caller's bearer token, client address and user agent.

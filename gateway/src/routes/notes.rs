@@ -8,14 +8,14 @@
 //! `If-None-Match` on `GET /api/v1/notes/{id}` answers 304 when the client's copy is current.
 
 use axum::{
-    Router,
     extract::{DefaultBodyLimit, Path, RawQuery, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::{get, patch, post},
 };
 use proto::notes::v1::{self as pb, notes_service_client::NotesServiceClient};
 use serde::{Deserialize, Serialize};
+use utoipa_axum::router::UtoipaMethodRouterExt as _;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{call, rfc3339};
 use crate::{
@@ -34,52 +34,20 @@ pub(crate) const NOTE_BODY_LIMIT: usize = 3 * 1024 * 1024;
 /// notes are created one by one.
 pub(crate) const BATCH_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
-pub(crate) fn router() -> Router<AppState> {
+pub(crate) fn router() -> OpenApiRouter<AppState> {
     let note_limit = DefaultBodyLimit::max(NOTE_BODY_LIMIT);
-    Router::new()
-        .route(
-            "/api/v1/notes",
-            get(list_notes).post(create_note).layer(note_limit),
-        )
-        .route(
-            "/api/v1/notes/batch",
-            post(batch_create).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)),
-        )
-        .route("/api/v1/notes/batch-update", post(batch_update))
-        .route("/api/v1/notes/batch-delete", post(batch_delete))
-        .route(
-            "/api/v1/notes/{id}",
-            get(get_note)
-                .patch(update_note)
-                .delete(delete_note)
-                .layer(note_limit),
-        )
-        .route(
-            "/api/v1/notes/{id}/chapters",
-            post(create_chapter).layer(note_limit),
-        )
-        .route(
-            "/api/v1/notes/{id}/chapters/reorder",
-            post(reorder_chapters),
-        )
-        .route(
-            "/api/v1/notes/{id}/chapters/{chapter_id}",
-            patch(update_chapter)
-                .delete(delete_chapter)
-                .layer(note_limit),
-        )
-        .route(
-            "/api/v1/notes/{id}/chapters/{chapter_id}/topics",
-            post(create_topic).layer(note_limit),
-        )
-        .route(
-            "/api/v1/notes/{id}/chapters/{chapter_id}/topics/reorder",
-            post(reorder_topics),
-        )
-        .route(
-            "/api/v1/notes/{id}/chapters/{chapter_id}/topics/{topic_id}",
-            patch(update_topic).delete(delete_topic).layer(note_limit),
-        )
+    OpenApiRouter::new()
+        .routes(routes!(list_notes, create_note).layer(note_limit))
+        .routes(routes!(batch_create).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)))
+        .routes(routes!(batch_update))
+        .routes(routes!(batch_delete))
+        .routes(routes!(get_note, update_note, delete_note).layer(note_limit))
+        .routes(routes!(create_chapter).layer(note_limit))
+        .routes(routes!(reorder_chapters))
+        .routes(routes!(update_chapter, delete_chapter).layer(note_limit))
+        .routes(routes!(create_topic).layer(note_limit))
+        .routes(routes!(reorder_topics))
+        .routes(routes!(update_topic, delete_topic).layer(note_limit))
 }
 
 fn client(upstreams: &Upstreams) -> NotesServiceClient<platform::grpc::TracedChannel> {
@@ -103,7 +71,7 @@ fn request<T>(
 // ---------------------------------------------------------------------------
 
 /// A note's state as JSON: `draft`, `published`, `archived`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 enum Status {
     Draft,
@@ -130,7 +98,7 @@ impl Status {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NoteBody {
     title: String,
@@ -159,7 +127,7 @@ impl NoteBody {
 }
 
 /// A PATCH names what it changes: absent (or null) fields stay as they are.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NotePatch {
     #[serde(default)]
@@ -172,7 +140,7 @@ struct NotePatch {
     tags: Option<Vec<String>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct NoteReply {
     id: String,
     owner_id: String,
@@ -203,7 +171,7 @@ impl From<pb::Note> for NoteReply {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct NoteSummaryReply {
     id: String,
     title: String,
@@ -228,7 +196,7 @@ impl From<pb::NoteSummary> for NoteSummaryReply {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ChapterReply {
     id: String,
     note_id: String,
@@ -255,7 +223,7 @@ impl From<pb::Chapter> for ChapterReply {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct TopicReply {
     id: String,
     chapter_id: String,
@@ -282,7 +250,7 @@ impl From<pb::Topic> for TopicReply {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ListReply {
     items: Vec<NoteSummaryReply>,
     /// Absent on the last page.
@@ -292,7 +260,7 @@ struct ListReply {
 }
 
 /// A chapter or topic to create.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PartBody {
     title: String,
@@ -303,7 +271,7 @@ struct PartBody {
     position: Option<i32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PartPatch {
     #[serde(default)]
@@ -313,49 +281,49 @@ struct PartPatch {
 }
 
 /// A chapter or topic write's answer: the part and the note's new ETag.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct PartReply<T> {
     #[serde(flatten)]
     part: T,
     note_etag: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReorderChaptersBody {
     chapter_ids: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ReorderChaptersReply {
     chapter_ids: Vec<String>,
     note_etag: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReorderTopicsBody {
     topic_ids: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ReorderTopicsReply {
     topic_ids: Vec<String>,
     note_etag: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchCreateBody {
     items: Vec<NoteBody>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct BatchCreateReply {
     items: Vec<NoteReply>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchUpdateBody {
     note_ids: Vec<String>,
@@ -370,12 +338,12 @@ struct BatchUpdateBody {
     remove_tags: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct BatchUpdateReply {
     items: Vec<NoteSummaryReply>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchDeleteBody {
     note_ids: Vec<String>,
@@ -384,7 +352,7 @@ struct BatchDeleteBody {
     allow_missing: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct BatchDeleteReply {
     deleted_count: i32,
 }
@@ -487,6 +455,12 @@ const TOPIC_FIELDS: &[(&str, &str)] = &[("topic", ""), ("update_mask", "")];
 // Notes
 // ---------------------------------------------------------------------------
 
+#[utoipa::path(
+    post, path = "/api/v1/notes", tag = "notes",
+    request_body = NoteBody,
+    responses((status = 201, description = "The new note", body = NoteReply, headers(("ETag" = String, description = "The note's version")))),
+    security(("bearer" = []))
+)]
 async fn create_note(
     State(state): State<AppState>,
     context: RequestContext,
@@ -518,6 +492,15 @@ async fn create_note(
         .into_response())
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/notes/{id}", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("If-None-Match" = Option<String>, Header, description = "ETags the client holds: 304 when one is current")),
+    responses(
+        (status = 200, description = "The note with its chapters and topics", body = NoteReply, headers(("ETag" = String, description = "The note's version"))),
+        (status = 304, description = "The client's copy is current", headers(("ETag" = String, description = "The note's version"))),
+    ),
+    security(("bearer" = []))
+)]
 async fn get_note(
     State(state): State<AppState>,
     context: RequestContext,
@@ -540,6 +523,13 @@ async fn get_note(
     Ok(([(header::ETAG, etag)], ApiJson(NoteReply::from(note))).into_response())
 }
 
+#[utoipa::path(
+    patch, path = "/api/v1/notes/{id}", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("If-Match" = Option<String>, Header, description = "The note's ETag: the write applies only to that version (412 otherwise)")),
+    request_body = NotePatch,
+    responses((status = 200, description = "The changed note", body = NoteReply, headers(("ETag" = String, description = "The note's version")))),
+    security(("bearer" = []))
+)]
 async fn update_note(
     State(state): State<AppState>,
     context: RequestContext,
@@ -589,6 +579,12 @@ async fn update_note(
         .into_response())
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/notes/{id}", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("If-Match" = Option<String>, Header, description = "The note's ETag: the write applies only to that version (412 otherwise)")),
+    responses((status = 204, description = "The note is gone")),
+    security(("bearer" = []))
+)]
 async fn delete_note(
     State(state): State<AppState>,
     context: RequestContext,
@@ -653,6 +649,18 @@ fn list_query(query: Option<&str>) -> Result<pb::ListNotesRequest, ApiError> {
     }
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/notes", tag = "notes",
+    params(
+        ("status" = Option<Status>, Query, description = "Only notes in this state"),
+        ("tag" = Option<Vec<String>>, Query, explode = true, description = "Only notes with every one of these tags (repeat the parameter)"),
+        ("q" = Option<String>, Query, description = "Words the title or body contains"),
+        ("limit" = Option<i32>, Query, description = "Page size"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses((status = 200, description = "A page of the caller's notes, newest first", body = ListReply)),
+    security(("bearer" = []))
+)]
 async fn list_notes(
     State(state): State<AppState>,
     context: RequestContext,
@@ -692,6 +700,12 @@ async fn list_notes(
 // Batches
 // ---------------------------------------------------------------------------
 
+#[utoipa::path(
+    post, path = "/api/v1/notes/batch", tag = "notes",
+    request_body = BatchCreateBody,
+    responses((status = 201, description = "Every note created (all or none)", body = BatchCreateReply)),
+    security(("bearer" = []))
+)]
 async fn batch_create(
     State(state): State<AppState>,
     context: RequestContext,
@@ -715,6 +729,12 @@ async fn batch_create(
     ))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/notes/batch-update", tag = "notes",
+    request_body = BatchUpdateBody,
+    responses((status = 200, description = "Every note changed (all or none)", body = BatchUpdateReply)),
+    security(("bearer" = []))
+)]
 async fn batch_update(
     State(state): State<AppState>,
     context: RequestContext,
@@ -744,6 +764,12 @@ async fn batch_update(
     }))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/notes/batch-delete", tag = "notes",
+    request_body = BatchDeleteBody,
+    responses((status = 200, description = "The notes deleted (all or none)", body = BatchDeleteReply)),
+    security(("bearer" = []))
+)]
 async fn batch_delete(
     State(state): State<AppState>,
     context: RequestContext,
@@ -769,6 +795,13 @@ async fn batch_delete(
 // Chapters and topics
 // ---------------------------------------------------------------------------
 
+#[utoipa::path(
+    post, path = "/api/v1/notes/{id}/chapters", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("If-Match" = Option<String>, Header, description = "The note's ETag: the write applies only to that version (412 otherwise)")),
+    request_body = PartBody,
+    responses((status = 201, description = "The new chapter and the note's new ETag", body = PartReply<ChapterReply>, headers(("ETag" = String, description = "The note's version")))),
+    security(("bearer" = []))
+)]
 async fn create_chapter(
     State(state): State<AppState>,
     context: RequestContext,
@@ -804,6 +837,13 @@ async fn create_chapter(
         .into_response())
 }
 
+#[utoipa::path(
+    patch, path = "/api/v1/notes/{id}/chapters/{chapter_id}", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("chapter_id" = String, Path, description = "The chapter id"), ("If-Match" = Option<String>, Header, description = "The note's ETag: the write applies only to that version (412 otherwise)")),
+    request_body = PartPatch,
+    responses((status = 200, description = "The changed chapter and the note's new ETag", body = PartReply<ChapterReply>, headers(("ETag" = String, description = "The note's version")))),
+    security(("bearer" = []))
+)]
 async fn update_chapter(
     State(state): State<AppState>,
     context: RequestContext,
@@ -847,6 +887,12 @@ async fn update_chapter(
         .into_response())
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/notes/{id}/chapters/{chapter_id}", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("chapter_id" = String, Path, description = "The chapter id"), ("If-Match" = Option<String>, Header, description = "The note's ETag: the write applies only to that version (412 otherwise)")),
+    responses((status = 204, description = "The chapter and its topics are gone", headers(("ETag" = String, description = "The note's version")))),
+    security(("bearer" = []))
+)]
 async fn delete_chapter(
     State(state): State<AppState>,
     context: RequestContext,
@@ -871,6 +917,13 @@ async fn delete_chapter(
         .into_response())
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/notes/{id}/chapters/reorder", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("If-Match" = Option<String>, Header, description = "The note's ETag: the write applies only to that version (412 otherwise)")),
+    request_body = ReorderChaptersBody,
+    responses((status = 200, description = "The chapters' new order", body = ReorderChaptersReply, headers(("ETag" = String, description = "The note's version")))),
+    security(("bearer" = []))
+)]
 async fn reorder_chapters(
     State(state): State<AppState>,
     context: RequestContext,
@@ -899,6 +952,13 @@ async fn reorder_chapters(
         .into_response())
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/notes/{id}/chapters/{chapter_id}/topics", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("chapter_id" = String, Path, description = "The chapter id"), ("If-Match" = Option<String>, Header, description = "The note's ETag: the write applies only to that version (412 otherwise)")),
+    request_body = PartBody,
+    responses((status = 201, description = "The new topic and the note's new ETag", body = PartReply<TopicReply>, headers(("ETag" = String, description = "The note's version")))),
+    security(("bearer" = []))
+)]
 async fn create_topic(
     State(state): State<AppState>,
     context: RequestContext,
@@ -935,6 +995,13 @@ async fn create_topic(
         .into_response())
 }
 
+#[utoipa::path(
+    patch, path = "/api/v1/notes/{id}/chapters/{chapter_id}/topics/{topic_id}", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("chapter_id" = String, Path, description = "The chapter id"), ("topic_id" = String, Path, description = "The topic id"), ("If-Match" = Option<String>, Header, description = "The note's ETag: the write applies only to that version (412 otherwise)")),
+    request_body = PartPatch,
+    responses((status = 200, description = "The changed topic and the note's new ETag", body = PartReply<TopicReply>, headers(("ETag" = String, description = "The note's version")))),
+    security(("bearer" = []))
+)]
 async fn update_topic(
     State(state): State<AppState>,
     context: RequestContext,
@@ -979,6 +1046,12 @@ async fn update_topic(
         .into_response())
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/notes/{id}/chapters/{chapter_id}/topics/{topic_id}", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("chapter_id" = String, Path, description = "The chapter id"), ("topic_id" = String, Path, description = "The topic id"), ("If-Match" = Option<String>, Header, description = "The note's ETag: the write applies only to that version (412 otherwise)")),
+    responses((status = 204, description = "The topic is gone", headers(("ETag" = String, description = "The note's version")))),
+    security(("bearer" = []))
+)]
 async fn delete_topic(
     State(state): State<AppState>,
     context: RequestContext,
@@ -1004,6 +1077,13 @@ async fn delete_topic(
         .into_response())
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/notes/{id}/chapters/{chapter_id}/topics/reorder", tag = "notes",
+    params(("id" = String, Path, description = "The note id"), ("chapter_id" = String, Path, description = "The chapter id"), ("If-Match" = Option<String>, Header, description = "The note's ETag: the write applies only to that version (412 otherwise)")),
+    request_body = ReorderTopicsBody,
+    responses((status = 200, description = "The topics' new order", body = ReorderTopicsReply, headers(("ETag" = String, description = "The note's version")))),
+    security(("bearer" = []))
+)]
 async fn reorder_topics(
     State(state): State<AppState>,
     context: RequestContext,

@@ -1,25 +1,37 @@
-//! Routes for operators and orchestrators: liveness, readiness, metrics.
+//! Routes for operators and orchestrators: liveness, readiness, metrics, and the API's own
+//! description.
 
 use std::sync::atomic::Ordering;
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::{AppState, upstream::DependencyState};
+use crate::{AppState, openapi, upstream::DependencyState};
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(openapi::docs_page))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Health {
+    /// Always `ok`.
+    status: &'static str,
 }
 
 /// Liveness: the process answers. No I/O, so a slow dependency never gets the gateway killed.
-async fn health() -> impl IntoResponse {
-    Json(serde_json::json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, description = "The process answers", body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct Readiness {
     /// `ready`, `not_ready` or `draining`.
     status: &'static str,
@@ -34,6 +46,15 @@ struct Readiness {
 /// each bounded by `GATEWAY_READY_TIMEOUT`); 503 otherwise and while draining. The
 /// gateway's own Redis and auth's change stream only degrade it: they are named in
 /// `degraded`, and the answer stays 200.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Every service is serving", body = Readiness),
+        (status = 503, description = "Not ready, or draining", body = Readiness),
+    )
+)]
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let timeout = state.config.ready_timeout;
     let (dependencies, redis) = tokio::join!(
@@ -75,6 +96,12 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain; version=0.0.4", body = String))
+)]
 async fn metrics() -> impl IntoResponse {
     (
         [(

@@ -4,15 +4,14 @@
 //! it again.
 
 use axum::{
-    Router,
     extract::{Path, Query, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::IntoResponse,
-    routing::{delete, get, post, put},
 };
 use proto::profile::v1::{self as pb, profile_service_client::ProfileServiceClient};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::rfc3339;
 use crate::{
@@ -22,42 +21,21 @@ use crate::{
     extract::ApiJson,
 };
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/api/v1/auth/profile",
-            get(get_profile).patch(update_profile),
-        )
-        .route("/api/v1/auth/profile-data", get(profile_data))
-        .route("/api/v1/auth/profession-types", get(profession_types))
-        .route("/api/v1/auth/business-categories", get(business_categories))
-        .route("/api/v1/plans", get(plans))
-        .route(
-            "/api/v1/admin/users/{id}/subscription",
-            put(set_subscription),
-        )
-        .route("/api/v1/admin/plans", get(admin_plans).post(create_plan))
-        .route(
-            "/api/v1/admin/plans/{id}",
-            delete(delete_plan).patch(update_plan),
-        )
-        .route(
-            "/api/v1/admin/profession-types",
-            get(admin_profession_types).post(create_profession_type),
-        )
-        .route(
-            "/api/v1/admin/profession-types/{id}",
-            delete(delete_profession_type).patch(update_profession_type),
-        )
-        .route(
-            "/api/v1/admin/business-categories",
-            get(admin_business_categories).post(create_business_category),
-        )
-        .route(
-            "/api/v1/admin/business-categories/{id}",
-            delete(delete_business_category).patch(update_business_category),
-        )
-        .route("/api/v1/admin/cache/warm", post(warm_cache))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_profile, update_profile))
+        .routes(routes!(profile_data))
+        .routes(routes!(profession_types))
+        .routes(routes!(business_categories))
+        .routes(routes!(plans))
+        .routes(routes!(set_subscription))
+        .routes(routes!(admin_plans, create_plan))
+        .routes(routes!(delete_plan, update_plan))
+        .routes(routes!(admin_profession_types, create_profession_type))
+        .routes(routes!(delete_profession_type, update_profession_type))
+        .routes(routes!(admin_business_categories, create_business_category))
+        .routes(routes!(delete_business_category, update_business_category))
+        .routes(routes!(warm_cache))
 }
 
 type Client = ProfileServiceClient<platform::grpc::TracedChannel>;
@@ -81,7 +59,7 @@ fn call<T>(
 // The caller's profile
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct CatalogRefBody {
     id: String,
     name: String,
@@ -96,7 +74,7 @@ impl From<pb::CatalogRef> for CatalogRefBody {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct SubscriptionBody {
     plan_id: String,
     status: &'static str,
@@ -134,7 +112,7 @@ impl From<pb::Subscription> for SubscriptionBody {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ProfileBody {
     user_id: String,
     email: String,
@@ -188,6 +166,12 @@ fn profile_response(profile: Option<pb::Profile>) -> Result<impl IntoResponse, A
     ))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/auth/profile", tag = "profile",
+    responses((status = 200, description = "The caller's profile, with its `ETag`", body = ProfileBody,
+        headers(("ETag" = String, description = "The profile's version")))),
+    security(("bearer" = []))
+)]
 async fn get_profile(
     State(state): State<AppState>,
     context: RequestContext,
@@ -285,6 +269,14 @@ fn profile_update(body: Map<String, Value>) -> Result<pb::UpdateMyProfileRequest
     })
 }
 
+#[utoipa::path(
+    patch, path = "/api/v1/auth/profile", tag = "profile",
+    params(("If-Match" = Option<String>, Header, description = "The profile's ETag: the change applies only to that version (412 otherwise)")),
+    request_body(content = Object, description = "The fields to change, each a string or `null` to clear it: `display_name`, `bio`, `avatar_url`, `profession_type_id`, `business_category_id`, `locale`"),
+    responses((status = 200, description = "The changed profile, with its new `ETag`", body = ProfileBody,
+        headers(("ETag" = String, description = "The profile's version")))),
+    security(("bearer" = []))
+)]
 async fn update_profile(
     State(state): State<AppState>,
     context: RequestContext,
@@ -303,7 +295,7 @@ async fn update_profile(
     profile_response(reply.profile)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct FrameBody {
     id: String,
     name: String,
@@ -314,11 +306,16 @@ struct FrameBody {
     updated_at: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ProfileDataBody {
     customer_frames: Vec<FrameBody>,
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/auth/profile-data", tag = "profile",
+    responses((status = 200, description = "What the caller's profile screens show", body = ProfileDataBody)),
+    security(("bearer" = []))
+)]
 async fn profile_data(
     State(state): State<AppState>,
     context: RequestContext,
@@ -352,7 +349,8 @@ async fn profile_data(
 // Catalogs and plans
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
     #[serde(default)]
     limit: Option<i32>,
@@ -369,7 +367,7 @@ fn list_query(
     })
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct CatalogEntryBody {
     id: String,
     name: String,
@@ -405,13 +403,13 @@ impl From<pb::BusinessCategory> for CatalogEntryBody {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ProfessionTypesBody {
     profession_types: Vec<CatalogEntryBody>,
     next_cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct BusinessCategoriesBody {
     business_categories: Vec<CatalogEntryBody>,
     next_cursor: Option<String>,
@@ -485,6 +483,12 @@ async fn list_business_categories(
 /// briefly.
 const CATALOG_CACHE_CONTROL: &str = "private, max-age=300";
 
+#[utoipa::path(
+    get, path = "/api/v1/auth/profession-types", tag = "profile",
+    params(ListQuery),
+    responses((status = 200, description = "The profession types, a page", body = ProfessionTypesBody)),
+    security(("bearer" = []))
+)]
 async fn profession_types(
     State(state): State<AppState>,
     context: RequestContext,
@@ -505,6 +509,12 @@ async fn profession_types(
     Ok(([(header::CACHE_CONTROL, CATALOG_CACHE_CONTROL)], list))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/auth/business-categories", tag = "profile",
+    params(ListQuery),
+    responses((status = 200, description = "The business categories, a page", body = BusinessCategoriesBody)),
+    security(("bearer" = []))
+)]
 async fn business_categories(
     State(state): State<AppState>,
     context: RequestContext,
@@ -525,6 +535,12 @@ async fn business_categories(
     Ok(([(header::CACHE_CONTROL, CATALOG_CACHE_CONTROL)], list))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/admin/profession-types", tag = "admin",
+    params(ListQuery),
+    responses((status = 200, description = "Every profession type, archived ones included, a page", body = ProfessionTypesBody)),
+    security(("bearer" = []))
+)]
 async fn admin_profession_types(
     State(state): State<AppState>,
     context: RequestContext,
@@ -544,6 +560,12 @@ async fn admin_profession_types(
     .await
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/admin/business-categories", tag = "admin",
+    params(ListQuery),
+    responses((status = 200, description = "Every business category, archived ones included, a page", body = BusinessCategoriesBody)),
+    security(("bearer" = []))
+)]
 async fn admin_business_categories(
     State(state): State<AppState>,
     context: RequestContext,
@@ -563,7 +585,7 @@ async fn admin_business_categories(
     .await
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct PlanBody {
     id: String,
     name: String,
@@ -594,7 +616,7 @@ impl From<pb::Plan> for PlanBody {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct PlansBody {
     plans: Vec<PlanBody>,
     next_cursor: Option<String>,
@@ -625,6 +647,12 @@ async fn list_plans(
     }))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/plans", tag = "profile",
+    params(ListQuery),
+    responses((status = 200, description = "The plans on offer, a page", body = PlansBody)),
+    security(("bearer" = []))
+)]
 async fn plans(
     State(state): State<AppState>,
     context: RequestContext,
@@ -645,6 +673,12 @@ async fn plans(
     Ok(([(header::CACHE_CONTROL, CATALOG_CACHE_CONTROL)], list))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/admin/plans", tag = "admin",
+    params(ListQuery),
+    responses((status = 200, description = "Every plan, archived ones included, a page", body = PlansBody)),
+    security(("bearer" = []))
+)]
 async fn admin_plans(
     State(state): State<AppState>,
     context: RequestContext,
@@ -668,7 +702,7 @@ async fn admin_plans(
 // Admin writes
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SubscriptionRequestBody {
     plan_id: String,
@@ -715,6 +749,13 @@ fn parse_timestamp(field: &str, text: &str) -> Result<prost_types::Timestamp, Ap
     })
 }
 
+#[utoipa::path(
+    put, path = "/api/v1/admin/users/{id}/subscription", tag = "admin",
+    params(("id" = String, Path, description = "The user id")),
+    request_body = SubscriptionRequestBody,
+    responses((status = 200, description = "The user's subscription now", body = SubscriptionBody)),
+    security(("bearer" = []))
+)]
 async fn set_subscription(
     State(state): State<AppState>,
     context: RequestContext,
@@ -747,7 +788,7 @@ async fn set_subscription(
     Ok(ApiJson(subscription.into()))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PlanRequestBody {
     #[serde(default)]
@@ -795,6 +836,12 @@ impl PlanRequestBody {
     }
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/admin/plans", tag = "admin",
+    request_body = PlanRequestBody,
+    responses((status = 201, description = "The new plan", body = PlanBody)),
+    security(("bearer" = []))
+)]
 async fn create_plan(
     State(state): State<AppState>,
     context: RequestContext,
@@ -818,6 +865,13 @@ async fn create_plan(
     Ok((StatusCode::CREATED, ApiJson(PlanBody::from(plan))))
 }
 
+#[utoipa::path(
+    patch, path = "/api/v1/admin/plans/{id}", tag = "admin",
+    params(("id" = String, Path, description = "The plan id")),
+    request_body = PlanRequestBody,
+    responses((status = 200, description = "The changed plan", body = PlanBody)),
+    security(("bearer" = []))
+)]
 async fn update_plan(
     State(state): State<AppState>,
     context: RequestContext,
@@ -851,6 +905,12 @@ async fn update_plan(
     Ok(ApiJson(plan.into()))
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/admin/plans/{id}", tag = "admin",
+    params(("id" = String, Path, description = "The plan id")),
+    responses((status = 204, description = "The plan is archived")),
+    security(("bearer" = []))
+)]
 async fn delete_plan(
     State(state): State<AppState>,
     context: RequestContext,
@@ -869,7 +929,7 @@ async fn delete_plan(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CatalogEntryRequestBody {
     #[serde(default)]
@@ -891,6 +951,12 @@ impl CatalogEntryRequestBody {
     }
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/admin/profession-types", tag = "admin",
+    request_body = CatalogEntryRequestBody,
+    responses((status = 201, description = "The new profession type", body = CatalogEntryBody)),
+    security(("bearer" = []))
+)]
 async fn create_profession_type(
     State(state): State<AppState>,
     context: RequestContext,
@@ -921,6 +987,13 @@ async fn create_profession_type(
     Ok((StatusCode::CREATED, ApiJson(CatalogEntryBody::from(entry))))
 }
 
+#[utoipa::path(
+    patch, path = "/api/v1/admin/profession-types/{id}", tag = "admin",
+    params(("id" = String, Path, description = "The profession type id")),
+    request_body = CatalogEntryRequestBody,
+    responses((status = 200, description = "The changed profession type", body = CatalogEntryBody)),
+    security(("bearer" = []))
+)]
 async fn update_profession_type(
     State(state): State<AppState>,
     context: RequestContext,
@@ -955,6 +1028,12 @@ async fn update_profession_type(
     Ok(ApiJson(entry.into()))
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/admin/profession-types/{id}", tag = "admin",
+    params(("id" = String, Path, description = "The profession type id")),
+    responses((status = 204, description = "The profession type is archived")),
+    security(("bearer" = []))
+)]
 async fn delete_profession_type(
     State(state): State<AppState>,
     context: RequestContext,
@@ -973,6 +1052,12 @@ async fn delete_profession_type(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/admin/business-categories", tag = "admin",
+    request_body = CatalogEntryRequestBody,
+    responses((status = 201, description = "The new business category", body = CatalogEntryBody)),
+    security(("bearer" = []))
+)]
 async fn create_business_category(
     State(state): State<AppState>,
     context: RequestContext,
@@ -1003,6 +1088,13 @@ async fn create_business_category(
     Ok((StatusCode::CREATED, ApiJson(CatalogEntryBody::from(entry))))
 }
 
+#[utoipa::path(
+    patch, path = "/api/v1/admin/business-categories/{id}", tag = "admin",
+    params(("id" = String, Path, description = "The business category id")),
+    request_body = CatalogEntryRequestBody,
+    responses((status = 200, description = "The changed business category", body = CatalogEntryBody)),
+    security(("bearer" = []))
+)]
 async fn update_business_category(
     State(state): State<AppState>,
     context: RequestContext,
@@ -1037,6 +1129,12 @@ async fn update_business_category(
     Ok(ApiJson(entry.into()))
 }
 
+#[utoipa::path(
+    delete, path = "/api/v1/admin/business-categories/{id}", tag = "admin",
+    params(("id" = String, Path, description = "The business category id")),
+    responses((status = 204, description = "The business category is archived")),
+    security(("bearer" = []))
+)]
 async fn delete_business_category(
     State(state): State<AppState>,
     context: RequestContext,
@@ -1057,7 +1155,7 @@ async fn delete_business_category(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct WarmBody {
     #[serde(default)]
@@ -1066,12 +1164,18 @@ struct WarmBody {
     max_per_second: Option<i32>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct WarmReply {
     scheduled: i32,
 }
 
 /// Starts a cache warm-up on the profile replica that takes the call (202: it runs on).
+#[utoipa::path(
+    post, path = "/api/v1/admin/cache/warm", tag = "admin",
+    request_body(content = Option<WarmBody>, description = "Optional: which profiles to warm and how fast"),
+    responses((status = 202, description = "The warm-up runs on", body = WarmReply)),
+    security(("bearer" = []))
+)]
 async fn warm_cache(
     State(state): State<AppState>,
     context: RequestContext,

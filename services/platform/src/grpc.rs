@@ -615,7 +615,7 @@ pub fn lazy_channel_with(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(
         clippy::expect_used,
         clippy::unwrap_used,
@@ -665,8 +665,8 @@ mod tests {
     }
 
     /// What a test run recorded: the spans that ended and the metrics text.
-    struct Recorded {
-        spans: Vec<SpanData>,
+    pub(crate) struct Recorded {
+        pub(crate) spans: Vec<SpanData>,
         metrics: String,
     }
 
@@ -688,7 +688,7 @@ mod tests {
 
     /// Runs `test` on a current-thread runtime with a tracing subscriber whose spans are
     /// collected and a metrics recorder of its own, so tests run in parallel unaffected.
-    fn run<T, F: Future<Output = T>>(test: impl FnOnce() -> F) -> (T, Recorded) {
+    pub(crate) fn run<T, F: Future<Output = T>>(test: impl FnOnce() -> F) -> (T, Recorded) {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         let collected = Collected::default();
         let provider = SdkTracerProvider::builder()

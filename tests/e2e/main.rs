@@ -19,4 +19,5 @@ mod observability;
 mod pools;
 mod profile;
 mod rate_limits;
+mod route_classes;
 mod stack;

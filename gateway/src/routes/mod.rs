@@ -37,7 +37,10 @@ pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<
         .merge(notes::router())
         .merge(profile::router())
         .merge(extra_api_routes);
-    ops::router().merge(edge.guard(api, edge.config().request_timeout))
+    let batches = notes::batch_router();
+    ops::router()
+        .merge(edge.guard(api, edge.config().request_timeout))
+        .merge(edge.guard(batches, edge.config().batch_request_timeout))
 }
 
 /// A request to a service carrying the caller's bearer token, client address and user agent.

@@ -34,6 +34,18 @@ pub(crate) const NOTE_BODY_LIMIT: usize = 3 * 1024 * 1024;
 /// notes are created one by one.
 pub(crate) const BATCH_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
+/// The batch routes: their own route class, with the longer `GATEWAY_BATCH_REQUEST_TIMEOUT`
+/// (up to 500 notes in one transaction).
+pub(crate) fn batch_router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/api/v1/notes/batch",
+            post(batch_create).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)),
+        )
+        .route("/api/v1/notes/batch-update", post(batch_update))
+        .route("/api/v1/notes/batch-delete", post(batch_delete))
+}
+
 pub(crate) fn router() -> Router<AppState> {
     let note_limit = DefaultBodyLimit::max(NOTE_BODY_LIMIT);
     Router::new()
@@ -41,12 +53,6 @@ pub(crate) fn router() -> Router<AppState> {
             "/api/v1/notes",
             get(list_notes).post(create_note).layer(note_limit),
         )
-        .route(
-            "/api/v1/notes/batch",
-            post(batch_create).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)),
-        )
-        .route("/api/v1/notes/batch-update", post(batch_update))
-        .route("/api/v1/notes/batch-delete", post(batch_delete))
         .route(
             "/api/v1/notes/{id}",
             get(get_note)

@@ -76,10 +76,11 @@ impl Config {
             ("PROFILE_URL", &config.profile_url),
             ("NOTES_URL", &config.notes_url),
         ] {
-            if url
-                .parse::<http::Uri>()
-                .map_or(true, |uri| uri.scheme().is_none())
-            {
+            // One URL, or a comma-separated list of replicas' URLs.
+            if url.split(',').map(str::trim).any(|url| {
+                url.parse::<http::Uri>()
+                    .map_or(true, |uri| uri.scheme().is_none())
+            }) {
                 env.problem(&env.name(name), format!("`{url}` is not an http:// URL"));
             }
         }

@@ -19,5 +19,6 @@ mod observability;
 mod pools;
 mod profile;
 mod rate_limits;
+mod replicas;
 mod route_classes;
 mod stack;

@@ -302,10 +302,18 @@ impl Stack {
             start_service_with_config::<auth::Config>(infra, auth_extra).await;
         let auth_url = auth.url();
         let with_auth = [("AUTH_URL", auth_url.as_str())];
-        let (profile, notes) = tokio::join!(
-            start_service::<profile::Config>(infra, &with_auth),
-            start_service::<notes::Config>(infra, &with_auth),
-        );
+        // Profile before notes: notes asks profile for plans (binding a port is all
+        // "started" takes here, so this costs nothing).
+        let profile = start_service::<profile::Config>(infra, &with_auth).await;
+        let profile_url = profile.url();
+        let notes = start_service::<notes::Config>(
+            infra,
+            &[
+                ("AUTH_URL", auth_url.as_str()),
+                ("PROFILE_URL", &profile_url),
+            ],
+        )
+        .await;
         let gateway = start_gateway(&[
             ("AUTH_URL", &auth.url()),
             ("PROFILE_URL", &profile.url()),

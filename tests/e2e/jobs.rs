@@ -10,6 +10,8 @@ use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "correct horse battery staple";
+/// The gateway's per-call timeout in these tests: an event stream stays open past it.
+const UPSTREAM_TIMEOUT: &str = "3s";
 
 /// Sentences enough for every kind of generation.
 const NOTE_BODY: &str = "Photosynthesis converts light energy into chemical energy in plants. \
@@ -65,6 +67,7 @@ impl JobsStack {
             ("REDIS_KEY_PREFIX", self.notes_redis_prefix.as_str()),
             ("JOB_POLL_INTERVAL", "50ms"),
             ("GENERATOR_STEP_DELAY", "100ms"),
+            ("NOTIFICATION_HEARTBEAT", "500ms"),
         ];
         extra.extend_from_slice(notes_extra);
         let vars = e2e::service_vars(&self.infra, "NOTES", &self.notes_database, &extra);
@@ -78,6 +81,8 @@ impl JobsStack {
             ("AUTH_URL", &self.auth.url()),
             ("PROFILE_URL", &self.profile.url()),
             ("NOTES_URL", &notes.url()),
+            // Event streams must outlive the per-call timeouts.
+            ("UPSTREAM_TIMEOUT", UPSTREAM_TIMEOUT),
         ])
         .await;
         self.replicas.push(Replica { notes, gateway });
@@ -322,6 +327,8 @@ async fn a_job_runs_to_a_result_and_its_notification_streams_live_and_on_resume(
     let user = sign_up(addr).await;
     let note = create_note(addr, &user).await;
     let mut live = EventStream::open(addr, &user, None).await;
+    // Idle past the gateway's call timeout: heartbeats and keep-alives, and the stream lives.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
 
     let request = json!({"kind": "summary", "options": {"max_sentences": 2}});
     let accepted = generate(addr, &user, &note, &request).await;
@@ -663,4 +670,125 @@ async fn a_job_whose_worker_stops_mid_job_finishes_once_on_another_replica() {
         .collect();
     assert_eq!(for_job.len(), 1, "{for_job:?}");
     stack.stop().await;
+}
+
+/// An OpenAI-compatible chat-completions server for the test: it answers by the kind the
+/// system message asks for — a summary after one 503, a quiz never (400), key terms too
+/// slowly (past the generator's timeout) — and records every request.
+#[derive(Clone, Default)]
+struct FakeModel {
+    requests: std::sync::Arc<std::sync::Mutex<Vec<SeenRequest>>>,
+    summary_calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A request's `Authorization` header and JSON body.
+type SeenRequest = (Option<String>, Value);
+
+async fn fake_completion(
+    axum::extract::State(model): axum::extract::State<FakeModel>,
+    headers: http::HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    model.requests.lock().unwrap().push((bearer, body.clone()));
+    let instruction = body["messages"][0]["content"].as_str().unwrap_or_default();
+    let answer = |content: &str| {
+        axum::Json(json!({
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+        }))
+        .into_response()
+    };
+    if instruction.starts_with("Summarise") {
+        let call = model
+            .summary_calls
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if call == 0 {
+            return (http::StatusCode::SERVICE_UNAVAILABLE, "warming up").into_response();
+        }
+        answer("Plants turn light into sugar.")
+    } else if instruction.contains("quiz") {
+        (http::StatusCode::BAD_REQUEST, "unsupported").into_response()
+    } else {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        answer(r#"{"terms": []}"#)
+    }
+}
+
+#[tokio::test]
+async fn the_openai_compatible_generator_retries_what_may_pass_and_fails_what_cannot() {
+    let model = FakeModel::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let model_addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", axum::routing::post(fake_completion))
+        .with_state(model.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let base_url = format!("http://{model_addr}/v1");
+    let stack = JobsStack::start(&[
+        ("GENERATOR", "openai"),
+        ("OPENAI_BASE_URL", &base_url),
+        ("OPENAI_MODEL", "test-model"),
+        ("OPENAI_API_KEY", "sk-test"),
+        ("OPENAI_TIMEOUT", "300ms"),
+        ("OPENAI_RETRIES", "1"),
+        ("JOB_MAX_ATTEMPTS", "2"),
+        ("JOB_RETRY_BASE_DELAY", "100ms"),
+    ])
+    .await;
+    let addr = stack.addr();
+    let user = sign_up(addr).await;
+    let note = create_note(addr, &user).await;
+    let start = |kind: &'static str| {
+        let (user, note) = (&user, &note);
+        async move {
+            let reply = generate(addr, user, note, &json!({"kind": kind})).await;
+            assert_eq!(reply.status, 202, "{}", reply.text());
+            reply.json()["job_id"].as_str().expect("id").to_owned()
+        }
+    };
+
+    // A 503 is tried again within the attempt.
+    let summary = start("summary").await;
+    let (done, _) = follow(addr, &user, &summary).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 1);
+    assert_eq!(done["result"]["generator"], "openai:test-model");
+    assert_eq!(done["result"]["summary"], "Plants turn light into sugar.");
+
+    // A 400 fails for good, at once.
+    let quiz = start("quiz").await;
+    let (done, _) = follow(addr, &user, &quiz).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "GENERATOR_REJECTED");
+    assert_eq!(done["attempt"], 1);
+
+    // Timeouts: tried again in the attempt, then the job retries, then fails with the error.
+    let terms = start("explanation").await;
+    let (done, _) = follow(addr, &user, &terms).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "GENERATOR_TIMEOUT");
+    assert_eq!(done["attempt"], 2);
+
+    let requests = model.requests.lock().unwrap().clone();
+    // summary 2, quiz 1, explanation 2 per attempt × 2.
+    assert_eq!(requests.len(), 7, "{requests:?}");
+    for (bearer, body) in &requests {
+        assert_eq!(bearer.as_deref(), Some("Bearer sk-test"));
+        assert_eq!(body["model"], "test-model");
+        let note_text = body["messages"][1]["content"].as_str().unwrap_or_default();
+        assert!(
+            note_text.contains("Chlorophyll absorbs light"),
+            "the note is sent"
+        );
+    }
+    stack.stop().await;
+    server.abort();
 }

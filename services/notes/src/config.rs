@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use std::time::Duration;
 
-use crate::{SPEC, cache::CacheConfig, jobs::JobConfig};
+use crate::{SPEC, cache::CacheConfig, jobs::JobConfig, openai::OpenAiConfig};
 
 /// Everything the notes service reads from its environment (`NOTES_*`).
 #[derive(Debug, Clone)]
@@ -18,6 +18,9 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub cache: CacheConfig,
     pub jobs: JobConfig,
+    /// `NOTES_GENERATOR` (default `builtin`): what runs generation jobs; `openai` = the
+    /// OpenAI-compatible endpoint of the `NOTES_OPENAI_*` settings.
+    pub openai: Option<OpenAiConfig>,
     /// `NOTES_PROFILE_URL` (default `http://127.0.0.1:50052`): profile, for each user's plan
     /// (`GetEntitlements`) when a generation is requested.
     pub profile_url: String,
@@ -42,6 +45,17 @@ impl GrpcService for Config {
             identity: IdentityConfig::from_env(env),
             cache: CacheConfig::from_env(env),
             jobs: JobConfig::from_env(env),
+            openai: match env.or("GENERATOR", "builtin".to_owned()).as_str() {
+                "builtin" => None,
+                "openai" => Some(OpenAiConfig::from_env(env)),
+                other => {
+                    env.problem(
+                        &env.name("GENERATOR"),
+                        format!("`{other}` is not a generator: builtin or openai"),
+                    );
+                    None
+                }
+            },
             profile_url: env.or("PROFILE_URL", Self::DEFAULT_PROFILE_URL.to_owned()),
             notification_heartbeat: env
                 .duration_or("NOTIFICATION_HEARTBEAT", Duration::from_secs(15)),

@@ -30,7 +30,8 @@ use crate::{
 /// Job settings (`NOTES_JOB_*`, `NOTES_GENERATOR_*`).
 #[derive(Debug, Clone)]
 pub struct JobConfig {
-    /// `NOTES_JOB_WORKERS` (default 1): workers in this replica; 0 runs none.
+    /// `NOTES_JOB_WORKERS` (default 1): workers in this replica; 0 runs none (and no queue
+    /// sampling or pruning: an API-only replica).
     pub workers: usize,
     /// `NOTES_JOB_LEASE` (default 30s): how long a claim holds a job without a heartbeat.
     pub lease: Duration,
@@ -904,6 +905,10 @@ impl Queue {
         stop: watch::Receiver<bool>,
     ) {
         describe_metrics();
+        // A replica without workers serves the API only: no claims, sampling or pruning.
+        if self.config.workers == 0 {
+            return;
+        }
         for index in 0..self.config.workers {
             let worker = Worker {
                 queue: self.clone(),

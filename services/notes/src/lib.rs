@@ -20,6 +20,8 @@ pub mod grpc;
 pub mod jobs;
 /// Live notification fan-out across replicas through Redis pub/sub.
 pub mod notifications;
+/// The generator over an OpenAI-compatible chat-completions endpoint.
+pub mod openai;
 /// All of notes' SQL.
 pub mod store;
 
@@ -79,9 +81,13 @@ pub async fn serve(
     // lease, exactly as if the process had died.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     hub.start(stopped.clone());
+    let generator: Arc<dyn generator::Generator> = match &config.openai {
+        Some(openai) => Arc::new(openai::OpenAi::new(openai.clone())),
+        None => Arc::new(generator::Builtin),
+    };
     queue.start(
         store.clone(),
-        Arc::new(generator::Builtin),
+        generator,
         config.notification_read_retention,
         stopped,
     );

@@ -53,6 +53,9 @@ pub enum NotesError {
     /// Profile could not say what the caller's plan allows: fail closed.
     #[error("profile unavailable: {0}")]
     ProfileUnavailable(String),
+    /// An operations RPC called by someone who is neither an admin nor a service.
+    #[error("admin or service token required")]
+    OperatorRequired,
     /// A service token on an RPC that acts on a user's own data.
     #[error("a user token is required")]
     UserTokenRequired,
@@ -153,6 +156,11 @@ impl From<NotesError> for Status {
                 "ETAG_MISMATCH",
             ),
             NotesError::LimitReached { reason, message } => coded(Code::Aborted, message, reason),
+            NotesError::OperatorRequired => coded(
+                Code::PermissionDenied,
+                "an admin's or a service's token is required",
+                "PERMISSION_DENIED",
+            ),
             NotesError::UserTokenRequired => coded(
                 Code::PermissionDenied,
                 "this call acts on a signed-in user's notes: a user's access token is required",

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use platform::{
     grpc::TracedChannel,
     identity::{Caller, Identity},
+    metrics::{PoolFigures, Pools},
 };
 use proto::{
     notes::v1::{self as pb, notes_service_server::NotesService},
@@ -53,6 +54,15 @@ struct Inner {
     cache: NotesCache,
     identity: Identity,
     generation: Generation,
+    operations: Operations,
+}
+
+/// What GetPoolStatus reports.
+#[derive(Debug, Clone)]
+pub struct Operations {
+    pub pools: Pools,
+    /// This replica's name.
+    pub instance: String,
 }
 
 impl NotesApi {
@@ -61,6 +71,7 @@ impl NotesApi {
         cache: NotesCache,
         identity: Identity,
         generation: Generation,
+        operations: Operations,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -68,6 +79,7 @@ impl NotesApi {
                 cache,
                 identity,
                 generation,
+                operations,
             }),
         }
     }
@@ -1310,7 +1322,45 @@ fn encode_notification_token(sequence: i64, unread: bool) -> String {
     URL_SAFE_NO_PAD.encode(format!("n.{sequence}.{}", if unread { "u" } else { "a" }))
 }
 
+fn pool_status(figures: PoolFigures) -> pb::PoolStatus {
+    let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    pb::PoolStatus {
+        name: figures.name.to_owned(),
+        max_size: count(figures.max_size),
+        size: count(figures.size),
+        idle: count(figures.idle),
+        in_use: count(figures.in_use),
+        waiters: count(figures.waiters),
+    }
+}
+
 impl Inner {
+    /// Pools and the job queue, for an admin or a service.
+    async fn get_pool_status(
+        &self,
+        request: Request<pb::GetPoolStatusRequest>,
+    ) -> Result<pb::GetPoolStatusResponse, NotesError> {
+        match self.identity.authenticate(request.metadata()).await {
+            Ok(caller) if caller.is_admin() || matches!(caller, Caller::Service { .. }) => {}
+            Ok(_) => return Err(NotesError::OperatorRequired),
+            Err(status) => return Err(NotesError::Identity(status)),
+        }
+        let (queue_depth, oldest_queued_job_age_seconds) =
+            self.generation.queue.jobs.depth().await?;
+        Ok(pb::GetPoolStatusResponse {
+            instance: self.operations.instance.clone(),
+            pools: self
+                .operations
+                .pools
+                .figures()
+                .into_iter()
+                .map(pool_status)
+                .collect(),
+            queue_depth,
+            oldest_queued_job_age_seconds,
+        })
+    }
+
     /// The caller's plan's daily limit, from profile with this service's token.
     async fn daily_limit(&self, user: Uuid) -> Result<i32, NotesError> {
         let mut request = Request::new(ProfileEntitlementsRequest {
@@ -1865,7 +1915,12 @@ impl NotesService for NotesApi {
         )
     }
 
-    // The pool status keeps the generated UNIMPLEMENTED answer until it is built.
+    async fn get_pool_status(
+        &self,
+        request: Request<pb::GetPoolStatusRequest>,
+    ) -> Result<Response<pb::GetPoolStatusResponse>, Status> {
+        finish("GetPoolStatus", self.inner.get_pool_status(request).await)
+    }
 }
 
 #[cfg(test)]
@@ -1948,5 +2003,51 @@ mod tests {
             pb::ListNotesResponse::decode(bytes.as_slice()).unwrap(),
             response
         );
+    }
+
+    #[test]
+    fn generation_options_get_defaults_and_refuse_other_kinds_fields() {
+        let summary = job_spec(pb::GenerationKind::Summary.into(), None).unwrap();
+        assert_eq!((summary.kind, summary.count), (Kind::Summary, 5));
+        let quiz = pb::GenerationOptions {
+            question_count: Some(7),
+            language: Some("pt-BR".to_owned()),
+            ..Default::default()
+        };
+        let spec = job_spec(pb::GenerationKind::Quiz.into(), Some(&quiz)).unwrap();
+        assert_eq!(spec.count, 7);
+        assert_eq!(spec.language.as_deref(), Some("pt-br"));
+        // Identical requests share a key; different options do not.
+        let same = job_spec(pb::GenerationKind::Quiz.into(), Some(&quiz)).unwrap();
+        assert_eq!(spec.dedupe_key(), same.dedupe_key());
+        assert_ne!(spec.dedupe_key(), summary.dedupe_key());
+        // A stored job reads back as it was asked.
+        let row_spec = JobSpec::from_stored(spec.kind.as_str(), &spec.options_json());
+        assert_eq!(row_spec, Some(spec));
+
+        let wrong = pb::GenerationOptions {
+            max_terms: Some(3),
+            max_sentences: Some(0),
+            language: Some("not a tag!".to_owned()),
+            ..Default::default()
+        };
+        let Err(NotesError::Invalid(violations)) =
+            job_spec(pb::GenerationKind::Summary.into(), Some(&wrong))
+        else {
+            panic!("refused")
+        };
+        let fields: Vec<(&str, &str)> = violations
+            .iter()
+            .map(|v| (v.field.as_str(), v.code))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("options.max_sentences", "OUT_OF_RANGE"),
+                ("options.max_terms", "NOT_FOR_KIND"),
+                ("options.language", "INVALID_LANGUAGE"),
+            ]
+        );
+        assert!(job_spec(0, None).is_err(), "kind is required");
     }
 }

@@ -141,7 +141,8 @@ impl JobSpec {
         )
     }
 
-    fn from_stored(kind: &str, options: &Value) -> Option<Self> {
+    /// The spec of a stored job (`None` if the row cannot be read).
+    pub(crate) fn from_stored(kind: &str, options: &Value) -> Option<Self> {
         let kind = Kind::parse(kind)?;
         let spec = Self {
             kind,

@@ -102,6 +102,10 @@ pub async fn serve(
             heartbeat: config.notification_heartbeat,
             stopped: stop.subscribe(),
         },
+        grpc::Operations {
+            pools: resources.pools(&SPEC, &config.service),
+            instance: config.service.telemetry.instance_id.clone(),
+        },
     );
     let routes = Routes::new(
         NotesServiceServer::new(api)

@@ -25,6 +25,7 @@ const NOTE_BODY: &str = "Photosynthesis converts light energy into chemical ener
 /// notes replica.
 struct JobsStack {
     infra: Infra,
+    auth_config: auth::Config,
     auth: Running,
     profile: Running,
     notes_database: String,
@@ -40,13 +41,14 @@ struct Replica {
 impl JobsStack {
     async fn start(notes_extra: &[(&str, &str)]) -> Self {
         let infra = Infra::from_env();
-        let auth = e2e::start_service::<auth::Config>(&infra, &[]).await;
+        let (auth_config, auth) = e2e::start_service_with_config::<auth::Config>(&infra, &[]).await;
         let auth_url = auth.url();
         let profile =
             e2e::start_service::<profile::Config>(&infra, &[("AUTH_URL", &auth_url)]).await;
         let notes_database = infra.create_database("notes").await;
         let mut stack = Self {
             infra,
+            auth_config,
             auth,
             profile,
             notes_database,
@@ -135,6 +137,7 @@ async fn wait_serving(notes: &Running) {
 }
 
 struct User {
+    id: String,
     token: String,
 }
 
@@ -154,11 +157,38 @@ async fn sign_up(addr: SocketAddr) -> User {
     let login = json!({"email": email, "password": PASSWORD});
     let reply = send(addr, "POST", "/api/v1/auth/login", None, Some(&login), &[]).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = reply.json();
     User {
-        token: reply.json()["access_token"]
-            .as_str()
-            .expect("token")
-            .to_owned(),
+        id: reply["user_id"].as_str().expect("user_id").to_owned(),
+        token: reply["access_token"].as_str().expect("token").to_owned(),
+    }
+}
+
+/// A new account with the admin role, logged in after the grant.
+async fn admin(stack: &JobsStack) -> User {
+    let addr = stack.addr();
+    let email = format!("admin-{}@example.com", uuid::Uuid::now_v7().simple());
+    let body = json!({"email": email, "password": PASSWORD, "display_name": "Admin"});
+    let registered = send(
+        addr,
+        "POST",
+        "/api/v1/auth/register",
+        None,
+        Some(&body),
+        &[],
+    )
+    .await;
+    assert_eq!(registered.status, 201, "{}", registered.text());
+    auth::grant_role(&stack.auth_config, &email, "admin")
+        .await
+        .expect("grant-role");
+    let login = json!({"email": email, "password": PASSWORD});
+    let reply = send(addr, "POST", "/api/v1/auth/login", None, Some(&login), &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = reply.json();
+    User {
+        id: reply["user_id"].as_str().expect("user_id").to_owned(),
+        token: reply["access_token"].as_str().expect("token").to_owned(),
     }
 }
 
@@ -503,8 +533,25 @@ async fn a_job_runs_to_a_result_and_its_notification_streams_live_and_on_resume(
 async fn concurrent_generates_past_the_daily_limit_are_refused_and_never_run() {
     let stack = JobsStack::start(&[]).await;
     let addr = stack.addr();
-    // Every user starts on the free plan: 3 generations a day.
+    // A plan of 2 generations a day, set for the user by an admin through profile.
+    let admin = admin(&stack).await;
+    let plan = json!({"id": "tiny", "name": "Tiny", "features": ["ai_generation"],
+                      "ai_daily_limit": 2, "is_paid": false, "sort_order": 30});
+    let created = send(
+        addr,
+        "POST",
+        "/api/v1/admin/plans",
+        Some(&admin),
+        Some(&plan),
+        &[],
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
     let user = sign_up(addr).await;
+    let path = format!("/api/v1/admin/users/{}/subscription", user.id);
+    let subscription = json!({"plan_id": "tiny", "status": "active"});
+    let set = send(addr, "PUT", &path, Some(&admin), Some(&subscription), &[]).await;
+    assert_eq!(set.status, 200, "{}", set.text());
     let note = create_note(addr, &user).await;
     let requests = (1..=10).map(|n| {
         let body = json!({"kind": "summary", "options": {"max_sentences": n}});
@@ -516,11 +563,11 @@ async fn concurrent_generates_past_the_daily_limit_are_refused_and_never_run() {
     let refused: Vec<&HttpResponse> = replies.iter().filter(|r| r.status == 429).collect();
     assert_eq!(
         accepted.len(),
-        3,
+        2,
         "{:?}",
         replies.iter().map(|r| r.status).collect::<Vec<_>>()
     );
-    assert_eq!(refused.len(), 7);
+    assert_eq!(refused.len(), 8);
     for reply in &refused {
         assert_eq!(reply.json()["code"], "QUOTA_EXCEEDED", "{}", reply.text());
         let retry_after: u64 = reply.headers["retry-after"]

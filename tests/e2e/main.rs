@@ -13,6 +13,7 @@ mod gateway_auth;
 mod gateway_edge;
 mod idempotency;
 mod identity;
+mod jobs;
 mod lifecycle;
 mod notes;
 mod observability;

@@ -371,10 +371,15 @@ impl Stack {
         let auth_url = urls(&auths);
         let mut with_auth = every_service.to_vec();
         with_auth.push(("AUTH_URL", auth_url.as_str()));
-        let ((_, mut profiles), (_, mut notes)) = tokio::join!(
-            start_replicas::<profile::Config>(infra, replicas, &with_auth),
-            start_replicas::<notes::Config>(infra, replicas, &with_auth),
-        );
+        // Profile before notes: notes asks profile for plans (binding a port is all
+        // "started" takes here, so this costs nothing).
+        let (_, mut profiles) =
+            start_replicas::<profile::Config>(infra, replicas, &with_auth).await;
+        let profile_url = urls(&profiles);
+        let mut with_auth_and_profile = with_auth.clone();
+        with_auth_and_profile.push(("PROFILE_URL", profile_url.as_str()));
+        let (_, mut notes) =
+            start_replicas::<notes::Config>(infra, replicas, &with_auth_and_profile).await;
         let gateway = start_gateway(&[
             ("AUTH_URL", &auth_url),
             ("PROFILE_URL", &urls(&profiles)),

@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod jobs;
 mod notes;
 mod ops;
 mod profile;
@@ -34,6 +35,7 @@ pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<
     let api = Router::new()
         .merge(admin::router())
         .merge(auth::router())
+        .merge(jobs::router())
         .merge(notes::router())
         .merge(profile::router())
         .merge(extra_api_routes);

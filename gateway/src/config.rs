@@ -76,10 +76,11 @@ impl Config {
             ("PROFILE_URL", &config.profile_url),
             ("NOTES_URL", &config.notes_url),
         ] {
-            if url
-                .parse::<http::Uri>()
-                .map_or(true, |uri| uri.scheme().is_none())
-            {
+            // One URL, or a comma-separated list of replicas' URLs.
+            if url.split(',').map(str::trim).any(|url| {
+                url.parse::<http::Uri>()
+                    .map_or(true, |uri| uri.scheme().is_none())
+            }) {
                 env.problem(&env.name(name), format!("`{url}` is not an http:// URL"));
             }
         }
@@ -96,6 +97,9 @@ pub struct EdgeConfig {
     /// `GATEWAY_REQUEST_TIMEOUT` (default 10s): the deadline of an API request, passed on to
     /// the services as the gRPC deadline; past it the gateway answers 504.
     pub request_timeout: Duration,
+    /// `GATEWAY_BATCH_REQUEST_TIMEOUT` (default 30s): the deadline of the batch routes
+    /// (`/api/v1/notes/batch*`, up to 500 notes in one transaction), their own route class.
+    pub batch_request_timeout: Duration,
     /// `GATEWAY_MAX_CONCURRENT_REQUESTS` (default 1024): API requests in flight at once; one
     /// more is shed at once with 503 rather than queued. `/health`, `/ready` and `/metrics`
     /// are never counted nor shed.
@@ -114,6 +118,7 @@ pub struct EdgeConfig {
 impl EdgeConfig {
     pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_BATCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
     pub const DEFAULT_SLOW_REQUEST_THRESHOLD: Duration = Duration::from_secs(1);
     pub const DEFAULT_COMPRESSION_MIN_BYTES: u64 = 1024;
@@ -122,6 +127,8 @@ impl EdgeConfig {
         let config = Self {
             body_limit: env.or("BODY_LIMIT", ByteSize(Self::DEFAULT_BODY_LIMIT)).0,
             request_timeout: env.duration_or("REQUEST_TIMEOUT", Self::DEFAULT_REQUEST_TIMEOUT),
+            batch_request_timeout: env
+                .duration_or("BATCH_REQUEST_TIMEOUT", Self::DEFAULT_BATCH_REQUEST_TIMEOUT),
             max_concurrent_requests: env.or(
                 "MAX_CONCURRENT_REQUESTS",
                 Self::DEFAULT_MAX_CONCURRENT_REQUESTS,
@@ -140,11 +147,13 @@ impl EdgeConfig {
                 "must be at least 1 byte".to_owned(),
             );
         }
-        if config.request_timeout.is_zero() {
-            env.problem(
-                &env.name("REQUEST_TIMEOUT"),
-                "must be longer than 0s".to_owned(),
-            );
+        for (name, timeout) in [
+            ("REQUEST_TIMEOUT", config.request_timeout),
+            ("BATCH_REQUEST_TIMEOUT", config.batch_request_timeout),
+        ] {
+            if timeout.is_zero() {
+                env.problem(&env.name(name), "must be longer than 0s".to_owned());
+            }
         }
         if config.max_concurrent_requests == 0 {
             env.problem(
@@ -161,6 +170,7 @@ impl Default for EdgeConfig {
         Self {
             body_limit: Self::DEFAULT_BODY_LIMIT,
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            batch_request_timeout: Self::DEFAULT_BATCH_REQUEST_TIMEOUT,
             max_concurrent_requests: Self::DEFAULT_MAX_CONCURRENT_REQUESTS,
             slow_request_threshold: Self::DEFAULT_SLOW_REQUEST_THRESHOLD,
             compression_min_bytes: Self::DEFAULT_COMPRESSION_MIN_BYTES,

@@ -288,7 +288,7 @@ impl fmt::Display for ErrorCode {
 }
 
 /// 499, nginx's "client closed request": what CANCELLED means seen from HTTP.
-fn client_closed_request() -> StatusCode {
+pub(crate) fn client_closed_request() -> StatusCode {
     StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
 }
 

@@ -28,7 +28,7 @@ use base64::{Engine as _, engine::general_purpose::STANDARD};
 use http_body_util::BodyExt as _;
 use platform::{
     identity::Caller,
-    redis_pool::{RedisConfig, RedisPool},
+    redis_pool::{CommandSpan as _, RedisConfig, RedisPool},
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -126,11 +126,16 @@ impl IdempotencyStore {
             .arg("PX")
             .arg(millis(CLAIM_FOR))
             .query_async(&mut *conn)
+            .command("gateway.idempotency.claim")
             .await?;
         if claimed.is_some() {
             return Ok(None);
         }
-        let held: Option<String> = redis::cmd("GET").arg(key).query_async(&mut *conn).await?;
+        let held: Option<String> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut *conn)
+            .command("gateway.idempotency.read")
+            .await?;
         match held {
             Some(text) => Ok(Some(serde_json::from_str(&text)?)),
             // It lapsed between the two commands: the caller may retry at once.
@@ -147,13 +152,18 @@ impl IdempotencyStore {
             .arg("PX")
             .arg(millis(STORED_FOR))
             .query_async(&mut *conn)
+            .command("gateway.idempotency.store")
             .await?;
         Ok(())
     }
 
     async fn release(&self, key: &str) -> Result<(), Failure> {
         let mut conn = self.connection().await?;
-        let _: i64 = redis::cmd("DEL").arg(key).query_async(&mut *conn).await?;
+        let _: i64 = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut *conn)
+            .command("gateway.idempotency.release")
+            .await?;
         Ok(())
     }
 }

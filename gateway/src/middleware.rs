@@ -334,6 +334,16 @@ async fn enforce_deadline(
         .map_or(own, |outer| own.min(*outer));
     request.extensions_mut().insert(deadline);
     match tokio::time::timeout_at(deadline.instant(), next.run(request)).await {
+        // A call cut by its own deadline comes back from tonic as CANCELLED ("Timeout
+        // expired"); past the deadline that is the request running out of time: 504.
+        Ok(response)
+            if response.status() == error::client_closed_request()
+                && tokio::time::Instant::now() >= deadline.instant() =>
+        {
+            ApiError::from_code(ErrorCode::DeadlineExceeded)
+                .with_internal(format_args!("a call ran past the {timeout:?} deadline"))
+                .into_response()
+        }
         Ok(response) => response,
         Err(_) => ApiError::from_code(ErrorCode::DeadlineExceeded)
             .with_internal(format_args!("no response within {timeout:?}"))

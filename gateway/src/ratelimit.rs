@@ -32,7 +32,7 @@ use axum::{
 use platform::{
     config::{Env, HumanDuration},
     identity::{Caller, Identity},
-    redis_pool::{RedisConfig, RedisPool},
+    redis_pool::{CommandSpan as _, RedisConfig, RedisPool},
 };
 use tokio::time::Instant;
 
@@ -481,7 +481,10 @@ impl RateLimiter {
                 .arg(interval)
                 .arg(period);
         }
-        let reply: Vec<i64> = invocation.invoke_async(&mut *conn).await?;
+        let reply: Vec<i64> = invocation
+            .invoke_async(&mut *conn)
+            .command("gateway.ratelimit.check")
+            .await?;
         decision_from(&reply, checks.len()).ok_or_else(|| {
             redis::RedisError::from((redis::ErrorKind::Parse, "unexpected rate-limit reply"))
         })

@@ -283,7 +283,7 @@ async fn key_set_and_admin_roles() {
     let pools = with_token(addr, "GET", "/admin/db-pool-status", admin_token).await;
     assert_eq!(pools.status, 200, "{}", pools.text());
     let pools = pools.json();
-    for service in ["auth", "profile"] {
+    for service in ["auth", "profile", "notes"] {
         let entry = pools["services"]
             .as_array()
             .and_then(|s| s.iter().find(|e| e["service"] == service))

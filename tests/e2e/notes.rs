@@ -1114,7 +1114,8 @@ where
 
 #[tokio::test]
 async fn reads_cost_at_most_two_statements_on_a_miss_none_on_a_hit_and_writes_invalidate() {
-    let stack = NotesStack::start(&[]).await;
+    // No generation workers: their queue polling would count as statements too.
+    let stack = NotesStack::start(&[("JOB_WORKERS", "0")]).await;
     let addr = stack.addr();
     let ada = sign_up(addr).await;
     let infra = Infra::from_env();
@@ -1447,6 +1448,8 @@ async fn a_write_through_one_replica_invalidates_what_the_other_cached() {
     let shared = [
         ("AUTH_URL", auth_url.as_str()),
         ("REDIS_KEY_PREFIX", prefix.as_str()),
+        // No generation workers: their queue polling would count as statements too.
+        ("JOB_WORKERS", "0"),
     ];
     let mut replicas = Vec::new();
     for _ in 0..2 {
@@ -1600,6 +1603,7 @@ async fn a_write_while_redis_is_away_is_not_hidden_by_the_cache_when_it_returns(
     let stack = NotesStack::start(&[
         ("REDIS_URL", redis_url.as_str()),
         ("CACHE_BREAKER_COOLDOWN", "200ms"),
+        ("JOB_WORKERS", "0"),
     ])
     .await;
     let addr = stack.addr();

@@ -556,7 +556,12 @@ async fn an_admin_subscription_change_reaches_every_replica_and_non_admins_get_4
     assert_eq!(set_response.json()["plan_id"], "pro");
     assert_eq!(set_response.json()["is_customer"], true);
 
-    let after = my_profile(b, &token).await;
+    // The eviction travels by Redis pub/sub: B sees it within the same bound as a PATCH.
+    let after = eventually(Duration::from_millis(500), "B's copy evicted", || async {
+        let profile = my_profile(b, &token).await;
+        (profile.json()["subscription"]["plan_id"] == "pro").then_some(profile)
+    })
+    .await;
     let subscription = &after.json()["subscription"];
     assert_eq!(subscription["plan_id"], "pro", "B's copy was evicted");
     assert_eq!(subscription["status"], "trialing");
@@ -772,7 +777,11 @@ async fn plans_and_catalogs_follow_admin_changes_on_every_replica() {
     )
     .await;
     assert_eq!(renamed.status, 200, "{}", renamed.text());
-    let after = my_profile(b, &token).await;
+    let after = eventually(Duration::from_millis(500), "B sees the rename", || async {
+        let profile = my_profile(b, &token).await;
+        (profile.json()["subscription"]["plan_name"] == "Starter").then_some(profile)
+    })
+    .await;
     assert_eq!(after.json()["subscription"]["plan_name"], "Starter");
     assert_eq!(after.json()["subscription"]["ai_daily_limit"], 5);
     assert_ne!(etag_header(&after), etag_header(&before));

@@ -279,15 +279,64 @@ pub async fn start_service_with_config<S: GrpcService + Clone>(
     (config, running)
 }
 
-/// The whole set: three services and the gateway in front of them.
+/// The whole set: three services and the gateway in front of them. With `E2E_REPLICAS=2`
+/// (or [`Stack::start_replicated`]) every service runs as several replicas sharing their
+/// database and Redis keys, and the gateway balances over them: the suite's "two replicas
+/// of everything" mode.
 #[derive(Debug)]
 pub struct Stack {
     /// The auth service's configuration, for `auth` commands against its database.
     pub auth_config: auth::Config,
+    /// The first replica of each service.
     pub auth: Running,
     pub profile: Running,
     pub notes: Running,
     pub gateway: Running,
+    /// The other replicas, by service name (`auth`, `profile`, `notes`).
+    pub replicas: Vec<(&'static str, Running)>,
+}
+
+/// Replicas per service for [`Stack::start`]: `E2E_REPLICAS`, default 1.
+fn replicas_from_env() -> usize {
+    std::env::var("E2E_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+/// `replicas` instances of one service on one fresh database and one key prefix, each with
+/// its own `<P>_INSTANCE_ID` (`auth-0`, `auth-1`, …).
+async fn start_replicas<S: GrpcService + Clone>(
+    infra: &Infra,
+    replicas: usize,
+    extra: &[(&str, &str)],
+) -> (S, Vec<Running>) {
+    let database = infra.create_database(S::SPEC.name).await;
+    let vars = service_vars(infra, S::SPEC.env_prefix, &database, extra);
+    let mut first_config = None;
+    let mut running = Vec::with_capacity(replicas);
+    for i in 0..replicas {
+        let mut vars = vars.clone();
+        vars.push((
+            format!("{}_INSTANCE_ID", S::SPEC.env_prefix),
+            format!("{}-{i}", S::SPEC.name),
+        ));
+        let config: S = service_config(vars);
+        first_config.get_or_insert_with(|| config.clone());
+        running
+            .push(Running::start(move |listener, shutdown| config.serve(listener, shutdown)).await);
+    }
+    (first_config.expect("at least one replica"), running)
+}
+
+/// The URLs of every replica, comma-separated (what a channel balances over).
+fn urls(replicas: &[Running]) -> String {
+    replicas
+        .iter()
+        .map(Running::url)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl Stack {
@@ -297,27 +346,60 @@ impl Stack {
 
     /// The set with `AUTH_<name>` overrides for the auth service.
     pub async fn start_with(infra: &Infra, auth_extra: &[(&str, &str)]) -> Self {
+        Self::start_replicated_with(infra, replicas_from_env(), auth_extra, &[]).await
+    }
+
+    /// `replicas` replicas of every service behind one gateway.
+    pub async fn start_replicated(infra: &Infra, replicas: usize) -> Self {
+        Self::start_replicated_with(infra, replicas, &[], &[]).await
+    }
+
+    /// The set with `AUTH_<name>` overrides for auth and `<P>_<name>` overrides for every
+    /// service (`SHUTDOWN_DRAIN_DELAY`, say).
+    pub async fn start_replicated_with(
+        infra: &Infra,
+        replicas: usize,
+        auth_extra: &[(&str, &str)],
+        every_service: &[(&str, &str)],
+    ) -> Self {
+        let replicas = replicas.max(1);
         // Auth first: the others are told where it listens.
-        let (auth_config, auth) =
-            start_service_with_config::<auth::Config>(infra, auth_extra).await;
-        let auth_url = auth.url();
-        let with_auth = [("AUTH_URL", auth_url.as_str())];
-        let (profile, notes) = tokio::join!(
-            start_service::<profile::Config>(infra, &with_auth),
-            start_service::<notes::Config>(infra, &with_auth),
-        );
+        let mut auth_vars = every_service.to_vec();
+        auth_vars.extend_from_slice(auth_extra);
+        let (auth_config, mut auths) =
+            start_replicas::<auth::Config>(infra, replicas, &auth_vars).await;
+        let auth_url = urls(&auths);
+        let mut with_auth = every_service.to_vec();
+        with_auth.push(("AUTH_URL", auth_url.as_str()));
+        // Profile before notes: notes asks profile for plans (binding a port is all
+        // "started" takes here, so this costs nothing).
+        let (_, mut profiles) =
+            start_replicas::<profile::Config>(infra, replicas, &with_auth).await;
+        let profile_url = urls(&profiles);
+        let mut with_auth_and_profile = with_auth.clone();
+        with_auth_and_profile.push(("PROFILE_URL", profile_url.as_str()));
+        let (_, mut notes) =
+            start_replicas::<notes::Config>(infra, replicas, &with_auth_and_profile).await;
         let gateway = start_gateway(&[
-            ("AUTH_URL", &auth.url()),
-            ("PROFILE_URL", &profile.url()),
-            ("NOTES_URL", &notes.url()),
+            ("AUTH_URL", &auth_url),
+            ("PROFILE_URL", &urls(&profiles)),
+            ("NOTES_URL", &urls(&notes)),
         ])
         .await;
+        let (auth, profile, note) = (auths.remove(0), profiles.remove(0), notes.remove(0));
+        let replicas = auths
+            .into_iter()
+            .map(|r| ("auth", r))
+            .chain(profiles.into_iter().map(|r| ("profile", r)))
+            .chain(notes.into_iter().map(|r| ("notes", r)))
+            .collect();
         Self {
             auth_config,
             auth,
             profile,
-            notes,
+            notes: note,
             gateway,
+            replicas,
         }
     }
 
@@ -332,16 +414,19 @@ impl Stack {
     /// Stops everything and checks each part exited cleanly.
     pub async fn stop(self) {
         let Self {
-            mut auth,
-            mut profile,
-            mut notes,
-            mut gateway,
+            auth,
+            profile,
+            notes,
+            gateway,
+            replicas,
             ..
         } = self;
-        for running in [&mut gateway, &mut auth, &mut profile, &mut notes] {
+        let mut all: Vec<Running> = vec![gateway, auth, profile, notes];
+        all.extend(replicas.into_iter().map(|(_, r)| r));
+        for running in &mut all {
             running.signal_shutdown();
         }
-        for running in [gateway, auth, profile, notes] {
+        for running in all {
             tokio::time::timeout(Duration::from_secs(10), running.task)
                 .await
                 .expect("stops within its grace period")

@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod jobs;
 mod notes;
 mod ops;
 mod profile;
@@ -33,7 +34,10 @@ pub(crate) const LARGEST_ROUTE_BODY_LIMIT: usize = notes::BATCH_BODY_LIMIT;
 /// guarded separately with `edge.guard(class_routes, its_timeout)`.
 pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<AppState> {
     let api = Router::from(api_routes()).merge(extra_api_routes);
-    Router::from(ops::router()).merge(edge.guard(api, edge.config().request_timeout))
+    let batches = Router::from(notes::batch_router());
+    Router::from(ops::router())
+        .merge(edge.guard(api, edge.config().request_timeout))
+        .merge(edge.guard(batches, edge.config().batch_request_timeout))
 }
 
 /// Every route with its OpenAPI description: the router above and the document at
@@ -44,13 +48,16 @@ pub(crate) fn router(edge: &Edge, extra_api_routes: Router<AppState>) -> Router<
 /// `routes!` per path, naming every method's handler; a layer for that path goes on it:
 /// `routes!(a, b).layer(...)`).
 pub(crate) fn documented() -> OpenApiRouter<AppState> {
-    ops::router().merge(api_routes())
+    ops::router()
+        .merge(api_routes())
+        .merge(notes::batch_router())
 }
 
 fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(admin::router())
         .merge(auth::router())
+        .merge(jobs::router())
         .merge(notes::router())
         .merge(profile::router())
 }

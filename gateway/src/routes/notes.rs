@@ -34,13 +34,19 @@ pub(crate) const NOTE_BODY_LIMIT: usize = 3 * 1024 * 1024;
 /// notes are created one by one.
 pub(crate) const BATCH_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
+/// The batch routes: their own route class, with the longer `GATEWAY_BATCH_REQUEST_TIMEOUT`
+/// (up to 500 notes in one transaction).
+pub(crate) fn batch_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(batch_create).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)))
+        .routes(routes!(batch_update))
+        .routes(routes!(batch_delete))
+}
+
 pub(crate) fn router() -> OpenApiRouter<AppState> {
     let note_limit = DefaultBodyLimit::max(NOTE_BODY_LIMIT);
     OpenApiRouter::new()
         .routes(routes!(list_notes, create_note).layer(note_limit))
-        .routes(routes!(batch_create).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)))
-        .routes(routes!(batch_update))
-        .routes(routes!(batch_delete))
         .routes(routes!(get_note, update_note, delete_note).layer(note_limit))
         .routes(routes!(create_chapter).layer(note_limit))
         .routes(routes!(reorder_chapters))

@@ -75,11 +75,11 @@ enum Job {
         password: Password,
         /// `None`: verify against the dummy hash (unknown account).
         phc: Option<String>,
-        reply: oneshot::Sender<Result<VerifyOutcome, HashError>>,
+        reply: oneshot::Sender<(Result<VerifyOutcome, HashError>, Duration)>,
     },
     Hash {
         password: Password,
-        reply: oneshot::Sender<Result<String, HashError>>,
+        reply: oneshot::Sender<(Result<String, HashError>, Duration)>,
     },
 }
 
@@ -134,18 +134,14 @@ impl PasswordHasher {
             phc,
             reply,
         })?;
-        answer
-            .await
-            .map_err(|_| HashError::Failed("worker gone".to_owned()))?
+        traced("argon2.verify", answer).await
     }
 
     /// A new PHC string for `password` with the configured parameters and a random salt.
     pub async fn hash(&self, password: Password) -> Result<String, HashError> {
         let (reply, answer) = oneshot::channel();
         self.submit(Job::Hash { password, reply })?;
-        answer
-            .await
-            .map_err(|_| HashError::Failed("worker gone".to_owned()))?
+        traced("argon2.hash", answer).await
     }
 
     /// Jobs waiting or running now.
@@ -168,6 +164,28 @@ impl PasswordHasher {
             }
         }
     }
+}
+
+/// Waits for a worker's answer inside a span that says how long the job queued for the pool
+/// (`argon2.queue_wait_ms`) and how long it took in all, so a slow login is explained by its
+/// trace.
+async fn traced<T>(
+    name: &'static str,
+    answer: oneshot::Receiver<(Result<T, HashError>, Duration)>,
+) -> Result<T, HashError> {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!(
+        "argon2",
+        otel.name = name,
+        argon2.queue_wait_ms = tracing::field::Empty,
+    );
+    let recorded = span.clone();
+    let (result, waited) = answer
+        .instrument(span)
+        .await
+        .map_err(|_| HashError::Failed("worker gone".to_owned()))?;
+    recorded.record("argon2.queue_wait_ms", waited.as_secs_f64() * 1000.0);
+    result
 }
 
 fn run_worker(
@@ -205,12 +223,12 @@ fn run_worker(
                     }
                 };
                 queued.fetch_sub(1, Ordering::Relaxed);
-                let _ = reply.send(outcome);
+                let _ = reply.send((outcome, waited));
             }
             Job::Hash { password, reply } => {
                 let hashed = hashing.hash(password.expose().as_bytes());
                 queued.fetch_sub(1, Ordering::Relaxed);
-                let _ = reply.send(hashed);
+                let _ = reply.send((hashed, waited));
             }
         }
     }

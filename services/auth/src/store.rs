@@ -5,6 +5,7 @@
 //! never misses a change nor records one that did not happen.
 
 use chrono::{DateTime, Utc};
+use platform::postgres::StatementSpan as _;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -99,6 +100,7 @@ impl Store {
             client.ip_address,
         )
         .execute(&self.db)
+        .statement("auth.create_user")
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -124,6 +126,7 @@ impl Store {
             password_hash,
         )
         .execute(&self.db)
+        .statement("auth.seed_users")
         .await?;
         Ok(done.rows_affected())
     }
@@ -140,6 +143,7 @@ impl Store {
             email,
         )
         .fetch_optional(&self.db)
+        .statement("auth.credentials")
         .await?;
         Ok(row.map(|r| Credentials {
             user_id: r.id,
@@ -161,6 +165,7 @@ impl Store {
             client.ip_address,
         )
         .execute(&self.db)
+        .statement("auth.record_login_failure")
         .await?;
         Ok(())
     }
@@ -172,6 +177,7 @@ impl Store {
             client.ip_address,
         )
         .execute(&self.db)
+        .statement("auth.record_login_throttled")
         .await?;
         Ok(())
     }
@@ -209,6 +215,7 @@ impl Store {
             refresh_hash.as_slice(),
         )
         .execute(&self.db)
+        .statement("auth.open_session")
         .await?;
         Ok(())
     }
@@ -222,6 +229,7 @@ impl Store {
             new,
         )
         .execute(&self.db)
+        .statement("auth.rehash")
         .await?;
         Ok(())
     }
@@ -267,6 +275,7 @@ impl Store {
             client.ip_address,
         )
         .fetch_optional(&self.db)
+        .statement("auth.rotate")
         .await?;
         Ok(row.map(|r| LiveSession {
             session_id: r.session_id,
@@ -296,6 +305,7 @@ impl Store {
             idle_timeout_seconds,
         )
         .fetch_optional(&self.db)
+        .statement("auth.presented")
         .await?;
         Ok(row.map(|r| PresentedToken {
             session_id: r.session_id,
@@ -320,6 +330,7 @@ impl Store {
             session_id,
         )
         .fetch_one(&self.db)
+        .statement("auth.was_issued_to")
         .await?;
         Ok(found)
     }
@@ -351,6 +362,7 @@ impl Store {
             reason,
         )
         .fetch_one(&self.db)
+        .statement("auth.revoke_session")
         .await?;
         Ok(match (row.found, row.revoked) {
             (0, _) => RevokeOutcome::NotFound,
@@ -383,6 +395,7 @@ impl Store {
             reason,
         )
         .fetch_one(&self.db)
+        .statement("auth.revoke_all_sessions")
         .await?;
         Ok(u64::try_from(revoked).unwrap_or_default())
     }
@@ -411,6 +424,7 @@ impl Store {
             client.ip_address,
         )
         .execute(&self.db)
+        .statement("auth.revoke_for_reuse")
         .await?;
         Ok(())
     }
@@ -433,6 +447,7 @@ impl Store {
             idle_timeout_seconds,
         )
         .fetch_one(&self.db)
+        .statement("auth.session_is_live")
         .await?;
         Ok(live)
     }
@@ -464,12 +479,14 @@ impl Store {
             limit,
         )
         .fetch_all(&self.db)
+        .statement("auth.list_sessions")
         .await
     }
 
     pub async fn password_hash(&self, user_id: Uuid) -> Result<Option<String>, sqlx::Error> {
         sqlx::query_scalar!("select password_hash from users where id = $1", user_id)
             .fetch_optional(&self.db)
+            .statement("auth.password_hash")
             .await
     }
 
@@ -501,6 +518,7 @@ impl Store {
             keep,
         )
         .fetch_one(&self.db)
+        .statement("auth.change_password")
         .await?;
         Ok(u64::try_from(revoked).unwrap_or_default())
     }
@@ -514,6 +532,7 @@ impl Store {
             role,
         )
         .fetch_one(&self.db)
+        .statement("auth.has_role")
         .await?;
         Ok(held)
     }
@@ -533,6 +552,7 @@ impl Store {
             "#
         )
         .fetch_all(&self.db)
+        .statement("auth.roles")
         .await
     }
 
@@ -551,6 +571,7 @@ impl Store {
             user_id,
         )
         .fetch_optional(&self.db)
+        .statement("auth.user_roles")
         .await
     }
 
@@ -592,6 +613,7 @@ impl Store {
             actor,
         )
         .fetch_one(&self.db)
+        .statement("auth.set_role")
         .await?;
         Ok(match (row.user_found, row.role_found, row.changed) {
             (false, _, _) => RoleChange::UserNotFound,
@@ -623,6 +645,7 @@ impl Store {
             roles,
         )
         .fetch_all(&mut *tx)
+        .statement("auth.bulk_assign")
         .await?;
         if !unknown.is_empty() {
             return Ok(BulkOutcome::Unknown(unknown));
@@ -647,6 +670,7 @@ impl Store {
             actor,
         )
         .fetch_one(&mut *tx)
+        .statement("auth.bulk_assign")
         .await?;
         tx.commit().await?;
         Ok(BulkOutcome::Assigned(
@@ -658,6 +682,7 @@ impl Store {
     pub async fn user_id_by_email(&self, email: &str) -> Result<Option<Uuid>, sqlx::Error> {
         sqlx::query_scalar!("select id from users where lower(email) = lower($1)", email)
             .fetch_optional(&self.db)
+            .statement("auth.user_id_by_email")
             .await
     }
 
@@ -674,6 +699,7 @@ impl Store {
             ids,
         )
         .fetch_all(&self.db)
+        .statement("auth.users")
         .await
     }
 }
@@ -732,6 +758,7 @@ impl Store {
             limit,
         )
         .fetch_all(&self.db)
+        .statement("auth.changes_after")
         .await
     }
 
@@ -744,6 +771,7 @@ impl Store {
             "#
         )
         .fetch_one(&self.db)
+        .statement("auth.change_log_bounds")
         .await?;
         Ok(ChangeLogBounds {
             pruned_through: row.pruned_through,
@@ -768,6 +796,7 @@ impl Store {
             kids,
         )
         .fetch_one(&self.db)
+        .statement("auth.record_key_set")
         .await?;
         Ok(recorded > 0)
     }
@@ -845,6 +874,7 @@ impl Store {
             PRUNE_LOCK
         )
         .fetch_one(&mut *conn)
+        .statement("auth.prune")
         .await?;
         if !locked {
             return Ok(None);
@@ -868,6 +898,7 @@ impl Store {
                     batch,
                 )
                 .execute(&mut *conn)
+                .statement("auth.prune")
                 .await?
                 .rows_affected();
                 counts.sessions += done;
@@ -888,6 +919,7 @@ impl Store {
                     batch,
                 )
                 .execute(&mut *conn)
+                .statement("auth.prune")
                 .await?
                 .rows_affected();
                 counts.refresh_tokens += done;
@@ -908,6 +940,7 @@ impl Store {
                     batch,
                 )
                 .execute(&mut *conn)
+                .statement("auth.prune")
                 .await?
                 .rows_affected();
                 counts.audit_events += done;
@@ -939,6 +972,7 @@ impl Store {
                     batch,
                 )
                 .fetch_one(&mut *conn)
+                .statement("auth.prune")
                 .await?;
                 let done = u64::try_from(done).unwrap_or_default();
                 counts.change_events += done;
@@ -955,6 +989,7 @@ impl Store {
             PRUNE_LOCK
         )
         .fetch_one(&mut *conn)
+        .statement("auth.prune")
         .await;
         pruned.map(Some)
     }

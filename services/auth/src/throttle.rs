@@ -22,7 +22,7 @@ use std::{
 
 use platform::{
     config::Env,
-    redis_pool::{RedisConfig, RedisPool},
+    redis_pool::{CommandSpan as _, RedisConfig, RedisPool},
 };
 use sha2::{Digest as _, Sha256};
 
@@ -178,7 +178,11 @@ impl LoginThrottle {
                     .arg("NX")
                     .ignore();
             }
-            if self.run::<()>(pipe).await.is_some() {
+            if self
+                .run::<()>("auth.throttle.record_failure", pipe)
+                .await
+                .is_some()
+            {
                 return;
             }
         }
@@ -212,7 +216,7 @@ impl LoginThrottle {
         if self.redis_available() {
             let mut pipe = redis::pipe();
             pipe.cmd("DEL").arg(&account_key).ignore();
-            let _ = self.run::<()>(pipe).await;
+            let _ = self.run::<()>("auth.throttle.clear", pipe).await;
         }
         self.local
             .lock()
@@ -230,7 +234,7 @@ impl LoginThrottle {
         pipe.cmd("GET").arg(ip_key);
         pipe.cmd("PTTL").arg(ip_key);
         let (account, account_ttl, ip, ip_ttl): (Option<u32>, i64, Option<u32>, i64) =
-            self.run(pipe).await?;
+            self.run("auth.throttle.count", pipe).await?;
         let ttl = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
         Some([
             (account.unwrap_or(0), ttl(account_ttl)),
@@ -260,10 +264,15 @@ impl LoginThrottle {
     }
 
     /// Runs a pipeline; on any failure opens the breaker and answers `None`.
-    async fn run<T: redis::FromRedisValue>(&self, pipe: redis::Pipeline) -> Option<T> {
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        summary: &'static str,
+        pipe: redis::Pipeline,
+    ) -> Option<T> {
         let result = async {
             let mut conn = self.redis.get().await.map_err(|e| e.to_string())?;
             pipe.query_async::<T>(&mut *conn)
+                .command(summary)
                 .await
                 .map_err(|e| e.to_string())
         }

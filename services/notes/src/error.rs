@@ -35,6 +35,27 @@ pub enum NotesError {
         reason: &'static str,
         message: String,
     },
+    /// No such job, or another user's.
+    #[error("job not found")]
+    JobNotFound,
+    /// The job succeeded or failed already.
+    #[error("job finished")]
+    JobFinished,
+    /// Notifications that are not the caller's (field violations name them).
+    #[error("unknown notifications")]
+    UnknownNotifications(Vec<FieldViolation>),
+    /// The day's generation quota is used up (or the plan has none) until `retry_after`.
+    #[error("generation quota exceeded")]
+    QuotaExceeded {
+        daily_limit: i32,
+        retry_after: std::time::Duration,
+    },
+    /// Profile could not say what the caller's plan allows: fail closed.
+    #[error("profile unavailable: {0}")]
+    ProfileUnavailable(String),
+    /// An operations RPC called by someone who is neither an admin nor a service.
+    #[error("admin or service token required")]
+    OperatorRequired,
     /// A service token on an RPC that acts on a user's own data.
     #[error("a user token is required")]
     UserTokenRequired,
@@ -94,12 +115,52 @@ impl From<NotesError> for Status {
                     details,
                 )
             }
+            NotesError::JobNotFound => coded(Code::NotFound, "job not found", "JOB_NOT_FOUND"),
+            NotesError::JobFinished => coded(
+                Code::Aborted,
+                "the job has already finished",
+                "JOB_FINISHED",
+            ),
+            NotesError::UnknownNotifications(violations) => {
+                let mut details = ErrorDetails::with_bad_request(field_violations(violations));
+                details.set_error_info("NOTIFICATION_NOT_FOUND", DOMAIN, HashMap::new());
+                Status::with_error_details(Code::NotFound, "notification not found", details)
+            }
+            NotesError::QuotaExceeded {
+                daily_limit,
+                retry_after,
+            } => {
+                let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+                details.set_error_info(
+                    "QUOTA_EXCEEDED",
+                    DOMAIN,
+                    HashMap::from([("daily_limit".to_owned(), daily_limit.to_string())]),
+                );
+                let message = if daily_limit == 0 {
+                    "the plan includes no AI generation".to_owned()
+                } else {
+                    format!(
+                        "the daily AI generation quota ({daily_limit}) is used up until 00:00 UTC"
+                    )
+                };
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
+            NotesError::ProfileUnavailable(_) => coded(
+                Code::Unavailable,
+                "the plan cannot be checked right now; retry later",
+                "PROFILE_UNAVAILABLE",
+            ),
             NotesError::EtagMismatch => coded(
                 Code::FailedPrecondition,
                 "the note has changed since this etag was read",
                 "ETAG_MISMATCH",
             ),
             NotesError::LimitReached { reason, message } => coded(Code::Aborted, message, reason),
+            NotesError::OperatorRequired => coded(
+                Code::PermissionDenied,
+                "an admin's or a service's token is required",
+                "PERMISSION_DENIED",
+            ),
             NotesError::UserTokenRequired => coded(
                 Code::PermissionDenied,
                 "this call acts on a signed-in user's notes: a user's access token is required",

@@ -4,12 +4,24 @@
 //! own notes only. Reads go through the cache; writes invalidate the caller's cached details
 //! and lists after they commit and before they answer.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
-use platform::identity::{Caller, Identity};
-use proto::notes::v1::{self as pb, notes_service_server::NotesService};
+use platform::{
+    grpc::TracedChannel,
+    identity::{Caller, Identity},
+    metrics::{PoolFigures, Pools},
+};
+use proto::{
+    notes::v1::{self as pb, notes_service_server::NotesService},
+    profile::v1::{
+        GetEntitlementsRequest as ProfileEntitlementsRequest,
+        profile_service_client::ProfileServiceClient,
+    },
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
@@ -17,6 +29,8 @@ use crate::{
     cache::{Lookup, NotesCache},
     domain::{self, Body, FieldViolation, NoteStatus, Title, Violations},
     error::NotesError,
+    jobs::{Cancelled, JobRow, JobSpec, Kind, NotificationRow, Queue, Started, quota_day},
+    notifications::Hub,
     store::{
         BatchChange, BatchRefusal, ChapterRow, Created, Cursor, ListFilter, NewNote, NoteChanges,
         NoteDetail, NoteRow, Store, SummaryRow, TopicRow,
@@ -39,15 +53,33 @@ struct Inner {
     store: Store,
     cache: NotesCache,
     identity: Identity,
+    generation: Generation,
+    operations: Operations,
+}
+
+/// What GetPoolStatus reports.
+#[derive(Debug, Clone)]
+pub struct Operations {
+    pub pools: Pools,
+    /// This replica's name.
+    pub instance: String,
 }
 
 impl NotesApi {
-    pub fn new(store: Store, cache: NotesCache, identity: Identity) -> Self {
+    pub fn new(
+        store: Store,
+        cache: NotesCache,
+        identity: Identity,
+        generation: Generation,
+        operations: Operations,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 cache,
                 identity,
+                generation,
+                operations,
             }),
         }
     }
@@ -964,6 +996,717 @@ fn topic_message(note_id: Uuid, topic: TopicRow) -> pb::Topic {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Generation jobs and notifications
+// ---------------------------------------------------------------------------
+
+/// What the generation and notification RPCs need beyond notes.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub queue: Queue,
+    pub hub: Hub,
+    pub profile: ProfileServiceClient<TracedChannel>,
+    pub heartbeat: Duration,
+    /// Turns true when the server shuts down: notification streams end.
+    pub stopped: watch::Receiver<bool>,
+}
+
+/// Deadline of the plan check against profile.
+const PROFILE_TIMEOUT: Duration = Duration::from_secs(2);
+const COUNT_MAX: i32 = 50;
+
+/// The request's kind and options, validated, with defaults applied.
+fn job_spec(kind: i32, options: Option<&pb::GenerationOptions>) -> Result<JobSpec, NotesError> {
+    let mut violations = Violations::default();
+    let options = options.cloned().unwrap_or_default();
+    let kind = match pb::GenerationKind::try_from(kind) {
+        Ok(pb::GenerationKind::Summary) => Some(Kind::Summary),
+        Ok(pb::GenerationKind::Explanation) => Some(Kind::Explanation),
+        Ok(pb::GenerationKind::Quiz) => Some(Kind::Quiz),
+        _ => {
+            violations.push(FieldViolation::new(
+                "kind",
+                "REQUIRED",
+                "kind is summary, explanation or quiz",
+            ));
+            None
+        }
+    };
+    let fields = [
+        (
+            "options.max_sentences",
+            options.max_sentences,
+            Kind::Summary,
+            5,
+        ),
+        ("options.max_terms", options.max_terms, Kind::Explanation, 8),
+        (
+            "options.question_count",
+            options.question_count,
+            Kind::Quiz,
+            5,
+        ),
+    ];
+    let mut count = 0;
+    for (field, value, owner, default) in fields {
+        match (value, kind) {
+            (Some(_), Some(kind)) if kind != owner => violations.push(FieldViolation::new(
+                field,
+                "NOT_FOR_KIND",
+                format!("not an option of {}", kind.as_str()),
+            )),
+            (Some(value), Some(_)) if !(1..=COUNT_MAX).contains(&value) => violations.push(
+                FieldViolation::new(field, "OUT_OF_RANGE", format!("1–{COUNT_MAX}")),
+            ),
+            (Some(value), Some(_)) => count = value,
+            (None, Some(kind)) if kind == owner => count = default,
+            _ => {}
+        }
+    }
+    let language = match options.language.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(tag)
+            if tag.len() <= 35
+                && tag.split('-').all(|part| {
+                    !part.is_empty()
+                        && part.len() <= 8
+                        && part.chars().all(|c| c.is_ascii_alphanumeric())
+                }) =>
+        {
+            Some(tag.to_ascii_lowercase())
+        }
+        Some(_) => {
+            violations.push(FieldViolation::new(
+                "options.language",
+                "INVALID_LANGUAGE",
+                "a BCP 47 language tag, e.g. en or pt-BR",
+            ));
+            None
+        }
+    };
+    match kind {
+        Some(kind) if violations.is_empty() => Ok(JobSpec {
+            kind,
+            count,
+            language,
+        }),
+        _ => Err(NotesError::Invalid(violations.0)),
+    }
+}
+
+fn job_status(stored: &str) -> pb::JobStatus {
+    match stored {
+        "queued" => pb::JobStatus::Queued,
+        "running" => pb::JobStatus::Running,
+        "succeeded" => pb::JobStatus::Succeeded,
+        "failed" => pb::JobStatus::Failed,
+        "cancelled" => pb::JobStatus::Cancelled,
+        _ => pb::JobStatus::Unspecified,
+    }
+}
+
+fn job_status_filter(status: i32) -> Result<Option<&'static str>, FieldViolation> {
+    match pb::JobStatus::try_from(status) {
+        Ok(pb::JobStatus::Unspecified) => Ok(None),
+        Ok(pb::JobStatus::Queued) => Ok(Some("queued")),
+        Ok(pb::JobStatus::Running) => Ok(Some("running")),
+        Ok(pb::JobStatus::Succeeded) => Ok(Some("succeeded")),
+        Ok(pb::JobStatus::Failed) => Ok(Some("failed")),
+        Ok(pb::JobStatus::Cancelled) => Ok(Some("cancelled")),
+        Err(_) => Err(FieldViolation::new(
+            "status",
+            "INVALID_STATUS",
+            "not a job status",
+        )),
+    }
+}
+
+fn job_message(job: JobRow) -> pb::Job {
+    let spec = job.spec();
+    let kind = match spec.as_ref().map(|s| s.kind) {
+        Some(Kind::Summary) => pb::GenerationKind::Summary,
+        Some(Kind::Explanation) => pb::GenerationKind::Explanation,
+        Some(Kind::Quiz) => pb::GenerationKind::Quiz,
+        None => pb::GenerationKind::Unspecified,
+    };
+    let options = spec.map(|spec| {
+        let mut options = pb::GenerationOptions {
+            language: spec.language,
+            ..Default::default()
+        };
+        match spec.kind {
+            Kind::Summary => options.max_sentences = Some(spec.count),
+            Kind::Explanation => options.max_terms = Some(spec.count),
+            Kind::Quiz => options.question_count = Some(spec.count),
+        }
+        options
+    });
+    let error = job.error_code.map(|code| pb::JobError {
+        code,
+        message: job.error_message.unwrap_or_default(),
+    });
+    pb::Job {
+        job_id: job.id.to_string(),
+        note_id: job.note_id.to_string(),
+        kind: kind.into(),
+        options,
+        status: job_status(&job.status).into(),
+        progress_percent: job.progress,
+        message: job.message,
+        result: job.result.as_ref().and_then(result_message),
+        error,
+        attempt: job.attempts,
+        max_attempts: job.max_attempts,
+        cancel_requested: job.cancel_requested,
+        created_at: Some(timestamp(job.created_at)),
+        started_at: job.started_at.map(timestamp),
+        updated_at: Some(timestamp(job.updated_at)),
+        finished_at: job.finished_at.map(timestamp),
+    }
+}
+
+/// A stored result (see `jobs::result_json`) as its message.
+fn result_message(result: &serde_json::Value) -> Option<pb::JobResult> {
+    use pb::job_result::Content;
+    let text = |value: &serde_json::Value, key: &str| {
+        value
+            .get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let content = if let Some(summary) = result.get("summary") {
+        Content::Summary(pb::SummaryResult {
+            text: text(summary, "text"),
+        })
+    } else if let Some(explanation) = result.get("explanation") {
+        let terms = explanation.get("terms")?.as_array()?;
+        Content::Explanation(pb::ExplanationResult {
+            terms: terms
+                .iter()
+                .map(|t| pb::TermExplanation {
+                    term: text(t, "term"),
+                    explanation: text(t, "explanation"),
+                })
+                .collect(),
+        })
+    } else {
+        let questions = result.get("quiz")?.get("questions")?.as_array()?;
+        Content::Quiz(pb::QuizResult {
+            questions: questions
+                .iter()
+                .map(|q| pb::QuizQuestion {
+                    prompt: text(q, "prompt"),
+                    answer: text(q, "answer"),
+                    choices: q
+                        .get("choices")
+                        .and_then(|c| c.as_array())
+                        .map(|c| {
+                            c.iter()
+                                .filter_map(|v| v.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        })
+    };
+    Some(pb::JobResult {
+        generator: text(result, "generator"),
+        content: Some(content),
+    })
+}
+
+fn notification_message(row: NotificationRow) -> pb::Notification {
+    let kind = match row.kind.as_str() {
+        "job_succeeded" => pb::NotificationKind::JobSucceeded,
+        "job_failed" => pb::NotificationKind::JobFailed,
+        "job_cancelled" => pb::NotificationKind::JobCancelled,
+        _ => pb::NotificationKind::Unspecified,
+    };
+    pb::Notification {
+        notification_id: row.id.to_string(),
+        sequence: row.sequence,
+        kind: kind.into(),
+        title: row.title,
+        body: row.body,
+        job_id: row.job_id.map(|id| id.to_string()).unwrap_or_default(),
+        note_id: row.note_id.map(|id| id.to_string()).unwrap_or_default(),
+        created_at: Some(timestamp(row.created_at)),
+        read_at: row.read_at.map(timestamp),
+    }
+}
+
+/// Time until the next 00:00 UTC, when the daily quota resets.
+fn until_midnight(now: DateTime<Utc>) -> (DateTime<Utc>, Duration) {
+    let midnight = now
+        .date_naive()
+        .succ_opt()
+        .and_then(|day| day.and_hms_opt(0, 0, 0))
+        .map(|at| at.and_utc())
+        .unwrap_or(now);
+    (midnight, (midnight - now).to_std().unwrap_or_default())
+}
+
+fn page_size(requested: i32) -> i64 {
+    match i64::from(requested) {
+        size if size <= 0 => PAGE_SIZE_DEFAULT,
+        size => size.min(PAGE_SIZE_MAX),
+    }
+}
+
+/// Jobs page token: `j.<created_at micros>.<id>.<filters>`, base64url.
+fn encode_job_token(job: &JobRow, filters: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!(
+        "j.{}.{}.{filters}",
+        job.created_at.timestamp_micros(),
+        job.id
+    ))
+}
+
+fn decode_job_token(token: &str, filters: &str) -> Result<(DateTime<Utc>, Uuid), FieldViolation> {
+    let invalid = || {
+        FieldViolation::new(
+            "page_token",
+            "INVALID_PAGE_TOKEN",
+            "not a page token of this list",
+        )
+    };
+    let text = URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(invalid)?;
+    let mut parts = text.splitn(4, '.');
+    let (Some("j"), Some(micros), Some(id), Some(rest)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid());
+    };
+    if rest != filters {
+        return Err(invalid());
+    }
+    let at = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(invalid)?;
+    Ok((at, Uuid::parse_str(id).map_err(|_| invalid())?))
+}
+
+/// Notifications page token: `n.<sequence>.<unread flag>`, base64url.
+fn decode_notification_token(token: &str, unread: bool) -> Result<i64, FieldViolation> {
+    let invalid = || {
+        FieldViolation::new(
+            "page_token",
+            "INVALID_PAGE_TOKEN",
+            "not a page token of this list",
+        )
+    };
+    let text = URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(invalid)?;
+    let mut parts = text.splitn(3, '.');
+    let (Some("n"), Some(sequence), Some(flag)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(invalid());
+    };
+    if flag != if unread { "u" } else { "a" } {
+        return Err(invalid());
+    }
+    sequence.parse().map_err(|_| invalid())
+}
+
+fn encode_notification_token(sequence: i64, unread: bool) -> String {
+    URL_SAFE_NO_PAD.encode(format!("n.{sequence}.{}", if unread { "u" } else { "a" }))
+}
+
+fn pool_status(figures: PoolFigures) -> pb::PoolStatus {
+    let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    pb::PoolStatus {
+        name: figures.name.to_owned(),
+        max_size: count(figures.max_size),
+        size: count(figures.size),
+        idle: count(figures.idle),
+        in_use: count(figures.in_use),
+        waiters: count(figures.waiters),
+    }
+}
+
+impl Inner {
+    /// Pools and the job queue, for an admin or a service.
+    async fn get_pool_status(
+        &self,
+        request: Request<pb::GetPoolStatusRequest>,
+    ) -> Result<pb::GetPoolStatusResponse, NotesError> {
+        match self.identity.authenticate(request.metadata()).await {
+            Ok(caller) if caller.is_admin() || matches!(caller, Caller::Service { .. }) => {}
+            Ok(_) => return Err(NotesError::OperatorRequired),
+            Err(status) => return Err(NotesError::Identity(status)),
+        }
+        let (queue_depth, oldest_queued_job_age_seconds) =
+            self.generation.queue.jobs.depth().await?;
+        Ok(pb::GetPoolStatusResponse {
+            instance: self.operations.instance.clone(),
+            pools: self
+                .operations
+                .pools
+                .figures()
+                .into_iter()
+                .map(pool_status)
+                .collect(),
+            queue_depth,
+            oldest_queued_job_age_seconds,
+        })
+    }
+
+    /// The caller's plan's daily limit, from profile with this service's token.
+    async fn daily_limit(&self, user: Uuid) -> Result<i32, NotesError> {
+        let mut request = Request::new(ProfileEntitlementsRequest {
+            user_id: user.to_string(),
+        });
+        request.set_timeout(PROFILE_TIMEOUT);
+        self.identity
+            .authorize(&mut request)
+            .await
+            .map_err(|status| NotesError::ProfileUnavailable(status.message().to_owned()))?;
+        let mut profile = self.generation.profile.clone();
+        match tokio::time::timeout(PROFILE_TIMEOUT, profile.get_entitlements(request)).await {
+            Ok(Ok(response)) => Ok(response.into_inner().ai_daily_limit),
+            Ok(Err(status)) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "profile refused GetEntitlements: failing closed");
+                Err(NotesError::ProfileUnavailable(status.message().to_owned()))
+            }
+            Err(_) => Err(NotesError::ProfileUnavailable("timed out".to_owned())),
+        }
+    }
+
+    async fn start_generation(
+        &self,
+        request: Request<pb::StartGenerationRequest>,
+    ) -> Result<pb::StartGenerationResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let note_id = domain::id("note_id", &body.note_id)?;
+        let spec = job_spec(body.kind, body.options.as_ref())?;
+        let jobs = &self.generation.queue.jobs;
+        if let Some(job) = jobs
+            .active_duplicate(user, note_id, &spec.dedupe_key())
+            .await?
+        {
+            return Ok(pb::StartGenerationResponse {
+                job: Some(job_message(job)),
+                created: false,
+            });
+        }
+        let daily_limit = self.daily_limit(user).await?;
+        let now = Utc::now();
+        let max_attempts = self.generation.queue.config.max_attempts;
+        match jobs
+            .start(
+                user,
+                note_id,
+                &spec,
+                daily_limit,
+                max_attempts,
+                quota_day(now),
+            )
+            .await?
+        {
+            Started::Created(job) => {
+                self.generation.queue.wake();
+                metrics::counter!("notes_jobs_started_total").increment(1);
+                Ok(pb::StartGenerationResponse {
+                    job: Some(job_message(job)),
+                    created: true,
+                })
+            }
+            Started::Existing(job) => Ok(pb::StartGenerationResponse {
+                job: Some(job_message(job)),
+                created: false,
+            }),
+            Started::QuotaExceeded => Err(NotesError::QuotaExceeded {
+                daily_limit,
+                retry_after: until_midnight(now).1,
+            }),
+        }
+    }
+
+    async fn get_generation_quota(
+        &self,
+        request: Request<pb::GetGenerationQuotaRequest>,
+    ) -> Result<pb::GetGenerationQuotaResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let daily_limit = self.daily_limit(user).await?;
+        let now = Utc::now();
+        let used = self
+            .generation
+            .queue
+            .jobs
+            .quota_used(user, quota_day(now))
+            .await?;
+        Ok(pb::GetGenerationQuotaResponse {
+            daily_limit,
+            used,
+            remaining: (daily_limit - used).max(0),
+            resets_at: Some(timestamp(until_midnight(now).0)),
+        })
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<pb::GetJobResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let job_id = domain::id("job_id", &request.get_ref().job_id)?;
+        let job = self
+            .generation
+            .queue
+            .jobs
+            .get(user, job_id)
+            .await?
+            .ok_or(NotesError::JobNotFound)?;
+        Ok(pb::GetJobResponse {
+            job: Some(job_message(job)),
+        })
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<pb::CancelJobResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let job_id = domain::id("job_id", &request.get_ref().job_id)?;
+        match self.generation.queue.jobs.cancel(user, job_id).await? {
+            Cancelled::Done(job, sequence) => {
+                if let Some(sequence) = sequence {
+                    self.generation.queue.publish(user, sequence).await;
+                }
+                Ok(pb::CancelJobResponse {
+                    job: Some(job_message(*job)),
+                })
+            }
+            Cancelled::Finished => Err(NotesError::JobFinished),
+            Cancelled::NotFound => Err(NotesError::JobNotFound),
+        }
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<pb::ListJobsResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let status = violations.check(job_status_filter(body.status)).flatten();
+        let note_id = match body.note_id.as_str() {
+            "" => None,
+            raw => violations.check(domain::id("note_id", raw)),
+        };
+        let filters = format!(
+            "{}-{}",
+            status.unwrap_or(""),
+            note_id
+                .map(|id| id.simple().to_string())
+                .unwrap_or_default()
+        );
+        let after = match body.page_token.as_str() {
+            "" => None,
+            token => violations.check(decode_job_token(token, &filters)),
+        };
+        if !violations.is_empty() {
+            return Err(NotesError::Invalid(violations.0));
+        }
+        let size = page_size(body.page_size);
+        let mut rows = self
+            .generation
+            .queue
+            .jobs
+            .list(user, status, note_id, after, size + 1)
+            .await?;
+        let more = rows.len() > usize::try_from(size).unwrap_or(usize::MAX);
+        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+        let next_page_token = match rows.last() {
+            Some(last) if more => encode_job_token(last, &filters),
+            _ => String::new(),
+        };
+        Ok(pb::ListJobsResponse {
+            items: rows.into_iter().map(job_message).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn list_notifications(
+        &self,
+        request: Request<pb::ListNotificationsRequest>,
+    ) -> Result<pb::ListNotificationsResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let before = match body.page_token.as_str() {
+            "" => None,
+            token => Some(decode_notification_token(token, body.unread_only)?),
+        };
+        let size = page_size(body.page_size);
+        let jobs = &self.generation.queue.jobs;
+        let mut rows = jobs
+            .notifications(user, body.unread_only, before, size + 1)
+            .await?;
+        let more = rows.len() > usize::try_from(size).unwrap_or(usize::MAX);
+        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+        let next_page_token = match rows.last() {
+            Some(last) if more => encode_notification_token(last.sequence, body.unread_only),
+            _ => String::new(),
+        };
+        let unread_count = i32::try_from(jobs.unread_count(user).await?).unwrap_or(i32::MAX);
+        Ok(pb::ListNotificationsResponse {
+            items: rows.into_iter().map(notification_message).collect(),
+            next_page_token,
+            unread_count,
+        })
+    }
+
+    async fn mark_notifications_read(
+        &self,
+        request: Request<pb::MarkNotificationsReadRequest>,
+    ) -> Result<pb::MarkNotificationsReadResponse, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let body = request.into_inner();
+        let jobs = &self.generation.queue.jobs;
+        let marked = match (body.all, body.notification_ids.is_empty()) {
+            (true, true) => jobs.mark_all_read(user).await?,
+            (false, false) => {
+                let mut violations = Violations::default();
+                if body.notification_ids.len() > BATCH_IDS_MAX {
+                    return Err(FieldViolation::new(
+                        "notification_ids",
+                        "TOO_MANY",
+                        format!("at most {BATCH_IDS_MAX}"),
+                    )
+                    .into());
+                }
+                let ids = distinct_ids("notification_ids", &body.notification_ids, &mut violations);
+                if !violations.is_empty() {
+                    return Err(NotesError::Invalid(violations.0));
+                }
+                match jobs.mark_read(user, &ids).await? {
+                    Ok(marked) => marked,
+                    Err(missing) => {
+                        return Err(NotesError::UnknownNotifications(
+                            missing
+                                .iter()
+                                .filter_map(|id| ids.iter().position(|i| i == id))
+                                .map(|index| {
+                                    FieldViolation::new(
+                                        format!("notification_ids[{index}]"),
+                                        "NOT_FOUND",
+                                        "no such notification",
+                                    )
+                                })
+                                .collect(),
+                        ));
+                    }
+                }
+            }
+            _ => {
+                return Err(FieldViolation::new(
+                    "notification_ids",
+                    "ONE_OF",
+                    "give either notification_ids or all",
+                )
+                .into());
+            }
+        };
+        Ok(pb::MarkNotificationsReadResponse {
+            marked_count: i32::try_from(marked).unwrap_or(i32::MAX),
+        })
+    }
+
+    /// Replays from `after_sequence` (or from now), then follows the hub; heartbeats keep
+    /// the stream alive. One task per stream, asleep until woken.
+    async fn watch_notifications(
+        &self,
+        request: Request<pb::WatchNotificationsRequest>,
+    ) -> Result<NotificationStream, NotesError> {
+        let user = self.user(request.metadata()).await?;
+        let after = request.into_inner().after_sequence;
+        if after.is_some_and(|a| a < 0) {
+            return Err(FieldViolation::new("after_sequence", "OUT_OF_RANGE", "at least 0").into());
+        }
+        // Subscribe before reading where to start, so nothing committed in between is missed.
+        let mut subscription = self.generation.hub.subscribe(user);
+        let jobs = self.generation.queue.jobs.clone();
+        let mut cursor = match after {
+            Some(after) => after,
+            None => jobs.last_sequence(user).await?,
+        };
+        let (sender, receiver) = mpsc::channel(16);
+        let heartbeat_every = self.generation.heartbeat;
+        let mut stopped = self.generation.stopped.clone();
+        tokio::spawn(async move {
+            metrics::gauge!("notes_notification_streams").increment(1.0);
+            let mut heartbeat = tokio::time::interval_at(
+                tokio::time::Instant::now() + heartbeat_every,
+                heartbeat_every,
+            );
+            'stream: loop {
+                // Everything after the cursor, in sequence order.
+                loop {
+                    let rows = match jobs.notifications_after(user, cursor, 100).await {
+                        Ok(rows) => rows,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read notifications for a stream");
+                            let _ = sender
+                                .send(Err(Status::unavailable(
+                                    "notifications cannot be read; reconnect",
+                                )))
+                                .await;
+                            break 'stream;
+                        }
+                    };
+                    let full = rows.len() == 100;
+                    for row in rows {
+                        cursor = row.sequence;
+                        let event = pb::WatchNotificationsResponse {
+                            event: Some(pb::watch_notifications_response::Event::Notification(
+                                notification_message(row),
+                            )),
+                        };
+                        if sender.send(Ok(event)).await.is_err() {
+                            break 'stream;
+                        }
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    Ok(()) = subscription.user.changed() => {}
+                    Ok(()) = subscription.everyone.changed() => {}
+                    _ = heartbeat.tick() => {
+                        let event = pb::WatchNotificationsResponse {
+                            event: Some(pb::watch_notifications_response::Event::Heartbeat(
+                                pb::Heartbeat { server_time: Some(timestamp(Utc::now())) },
+                            )),
+                        };
+                        if sender.send(Ok(event)).await.is_err() {
+                            break;
+                        }
+                    }
+                    () = sender.closed() => break,
+                    () = crate::jobs::stopped(&mut stopped) => break,
+                }
+            }
+            metrics::gauge!("notes_notification_streams").decrement(1.0);
+        });
+        Ok(Box::pin(ReceiverStream::new(receiver)))
+    }
+}
+
+type NotificationStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::WatchNotificationsResponse, Status>> + Send>,
+>;
+
 fn finish<T>(method: &'static str, result: Result<T, NotesError>) -> Result<Response<T>, Status> {
     match result {
         Ok(value) => Ok(Response::new(value)),
@@ -1101,8 +1844,83 @@ impl NotesService for NotesApi {
         finish("ReorderTopics", self.inner.reorder_topics(request).await)
     }
 
-    // Generation jobs, notifications and the pool status keep the generated UNIMPLEMENTED
-    // answers until they are built.
+    async fn start_generation(
+        &self,
+        request: Request<pb::StartGenerationRequest>,
+    ) -> Result<Response<pb::StartGenerationResponse>, Status> {
+        finish(
+            "StartGeneration",
+            self.inner.start_generation(request).await,
+        )
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        finish("GetJob", self.inner.get_job(request).await)
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        finish("CancelJob", self.inner.cancel_job(request).await)
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        finish("ListJobs", self.inner.list_jobs(request).await)
+    }
+
+    async fn get_generation_quota(
+        &self,
+        request: Request<pb::GetGenerationQuotaRequest>,
+    ) -> Result<Response<pb::GetGenerationQuotaResponse>, Status> {
+        finish(
+            "GetGenerationQuota",
+            self.inner.get_generation_quota(request).await,
+        )
+    }
+
+    async fn list_notifications(
+        &self,
+        request: Request<pb::ListNotificationsRequest>,
+    ) -> Result<Response<pb::ListNotificationsResponse>, Status> {
+        finish(
+            "ListNotifications",
+            self.inner.list_notifications(request).await,
+        )
+    }
+
+    async fn mark_notifications_read(
+        &self,
+        request: Request<pb::MarkNotificationsReadRequest>,
+    ) -> Result<Response<pb::MarkNotificationsReadResponse>, Status> {
+        finish(
+            "MarkNotificationsRead",
+            self.inner.mark_notifications_read(request).await,
+        )
+    }
+
+    async fn watch_notifications(
+        &self,
+        request: Request<pb::WatchNotificationsRequest>,
+    ) -> Result<Response<NotificationStream>, Status> {
+        finish(
+            "WatchNotifications",
+            self.inner.watch_notifications(request).await,
+        )
+    }
+
+    async fn get_pool_status(
+        &self,
+        request: Request<pb::GetPoolStatusRequest>,
+    ) -> Result<Response<pb::GetPoolStatusResponse>, Status> {
+        finish("GetPoolStatus", self.inner.get_pool_status(request).await)
+    }
 }
 
 #[cfg(test)]
@@ -1185,5 +2003,51 @@ mod tests {
             pb::ListNotesResponse::decode(bytes.as_slice()).unwrap(),
             response
         );
+    }
+
+    #[test]
+    fn generation_options_get_defaults_and_refuse_other_kinds_fields() {
+        let summary = job_spec(pb::GenerationKind::Summary.into(), None).unwrap();
+        assert_eq!((summary.kind, summary.count), (Kind::Summary, 5));
+        let quiz = pb::GenerationOptions {
+            question_count: Some(7),
+            language: Some("pt-BR".to_owned()),
+            ..Default::default()
+        };
+        let spec = job_spec(pb::GenerationKind::Quiz.into(), Some(&quiz)).unwrap();
+        assert_eq!(spec.count, 7);
+        assert_eq!(spec.language.as_deref(), Some("pt-br"));
+        // Identical requests share a key; different options do not.
+        let same = job_spec(pb::GenerationKind::Quiz.into(), Some(&quiz)).unwrap();
+        assert_eq!(spec.dedupe_key(), same.dedupe_key());
+        assert_ne!(spec.dedupe_key(), summary.dedupe_key());
+        // A stored job reads back as it was asked.
+        let row_spec = JobSpec::from_stored(spec.kind.as_str(), &spec.options_json());
+        assert_eq!(row_spec, Some(spec));
+
+        let wrong = pb::GenerationOptions {
+            max_terms: Some(3),
+            max_sentences: Some(0),
+            language: Some("not a tag!".to_owned()),
+            ..Default::default()
+        };
+        let Err(NotesError::Invalid(violations)) =
+            job_spec(pb::GenerationKind::Summary.into(), Some(&wrong))
+        else {
+            panic!("refused")
+        };
+        let fields: Vec<(&str, &str)> = violations
+            .iter()
+            .map(|v| (v.field.as_str(), v.code))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("options.max_sentences", "OUT_OF_RANGE"),
+                ("options.max_terms", "NOT_FOR_KIND"),
+                ("options.language", "INVALID_LANGUAGE"),
+            ]
+        );
+        assert!(job_spec(0, None).is_err(), "kind is required");
     }
 }

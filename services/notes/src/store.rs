@@ -7,6 +7,7 @@
 //! serialises concurrent structural writes to one note, so positions stay dense.
 
 use chrono::{DateTime, Utc};
+use platform::postgres::StatementSpan as _;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -250,6 +251,7 @@ impl Store {
             &note.tags,
         )
         .fetch_one(&self.db)
+        .statement("notes.create_note")
         .await?;
         Ok(Created {
             version: row.version,
@@ -300,6 +302,7 @@ impl Store {
             &tags_to,
         )
         .fetch_all(&self.db)
+        .statement("notes.create_notes")
         .await?;
         let by_id: std::collections::HashMap<Uuid, Created> = rows
             .into_iter()
@@ -354,6 +357,7 @@ impl Store {
             owner_id,
         )
         .fetch_all(&self.db)
+        .statement("notes.note_detail")
         .await?;
         Ok(assemble_detail(rows))
     }
@@ -405,6 +409,7 @@ impl Store {
             NOTE_CONTENT_MAX_BYTES,
         )
         .fetch_optional(&self.db)
+        .statement("notes.update_note")
         .await?;
         let Some(row) = row else {
             return Err(NotesError::NoteNotFound);
@@ -441,6 +446,7 @@ impl Store {
             expected_version,
         )
         .fetch_optional(&self.db)
+        .statement("notes.delete_note")
         .await?;
         match row {
             None => Err(NotesError::NoteNotFound),
@@ -467,16 +473,19 @@ impl Store {
             (None, false, None) => {
                 list_page!("", args.0, args.1, args.2, args.3)
                     .fetch_all(&self.db)
+                    .statement("notes.list_notes")
                     .await?
             }
             (Some(status), false, None) => {
                 list_page!("and n.status = $5", args.0, args.1, args.2, args.3, status)
                     .fetch_all(&self.db)
+                    .statement("notes.list_notes")
                     .await?
             }
             (None, true, None) => {
                 list_page!("and n.tags @> $5", args.0, args.1, args.2, args.3, tags)
                     .fetch_all(&self.db)
+                    .statement("notes.list_notes")
                     .await?
             }
             (None, false, Some(text)) => {
@@ -489,6 +498,7 @@ impl Store {
                     text
                 )
                 .fetch_all(&self.db)
+                .statement("notes.list_notes")
                 .await?
             }
             (Some(status), true, None) => {
@@ -502,6 +512,7 @@ impl Store {
                     tags
                 )
                 .fetch_all(&self.db)
+                .statement("notes.list_notes")
                 .await?
             }
             (Some(status), false, Some(text)) => {
@@ -515,6 +526,7 @@ impl Store {
                     text
                 )
                 .fetch_all(&self.db)
+                .statement("notes.list_notes")
                 .await?
             }
             (None, true, Some(text)) => {
@@ -528,6 +540,7 @@ impl Store {
                     text
                 )
                 .fetch_all(&self.db)
+                .statement("notes.list_notes")
                 .await?
             }
             (Some(status), true, Some(text)) => {
@@ -543,6 +556,7 @@ impl Store {
                     text
                 )
                 .fetch_all(&self.db)
+                .statement("notes.list_notes")
                 .await?
             }
         };
@@ -594,6 +608,7 @@ impl Store {
             &change.remove_tags,
         )
         .fetch_all(&mut *tx)
+        .statement("notes.update_notes")
         .await?;
         if found.len() != ids.len() {
             let present: std::collections::HashSet<Uuid> = found.iter().map(|r| r.id).collect();
@@ -636,6 +651,7 @@ impl Store {
             change.status.map(NoteStatus::as_str),
         )
         .fetch_all(&mut *tx)
+        .statement("notes.update_notes")
         .await?;
         tx.commit().await?;
         Ok(Ok(in_order(ids, rows, |r| r.id)))
@@ -656,6 +672,7 @@ impl Store {
             ids,
         )
         .fetch_all(&mut *tx)
+        .statement("notes.delete_notes")
         .await?;
         if !allow_missing && deleted.len() != ids.len() {
             let deleted: std::collections::HashSet<Uuid> = deleted.into_iter().collect();
@@ -692,6 +709,7 @@ impl Store {
             expected_version,
         )
         .fetch_optional(&mut **tx)
+        .statement("notes.lock_note")
         .await?;
         match row {
             None => Err(NotesError::NoteNotFound),
@@ -718,6 +736,7 @@ impl Store {
             note_id,
         )
         .fetch_one(&mut **tx)
+        .statement("notes.check_content_size")
         .await?;
         if bytes > NOTE_CONTENT_MAX_BYTES {
             return Err(content_limit());
@@ -744,6 +763,7 @@ impl Store {
             note_id
         )
         .fetch_one(&mut *tx)
+        .statement("notes.create_chapter")
         .await?;
         if count >= CHAPTERS_MAX {
             return Err(NotesError::LimitReached {
@@ -770,6 +790,7 @@ impl Store {
             body.as_str(),
         )
         .fetch_one(&mut *tx)
+        .statement("notes.create_chapter")
         .await?;
         Self::check_content_size(&mut tx, note_id).await?;
         tx.commit().await?;
@@ -814,6 +835,7 @@ impl Store {
             body.map(Body::as_str),
         )
         .fetch_optional(&mut *tx)
+        .statement("notes.update_chapter")
         .await?
         .ok_or(NotesError::ChapterNotFound)?;
         Self::check_content_size(&mut tx, note_id).await?;
@@ -826,6 +848,7 @@ impl Store {
             chapter_id,
         )
         .fetch_all(&mut *tx)
+        .statement("notes.update_chapter")
         .await?;
         tx.commit().await?;
         Ok((
@@ -867,6 +890,7 @@ impl Store {
             note_id,
         )
         .fetch_one(&mut *tx)
+        .statement("notes.delete_chapter")
         .await?;
         if deleted == 0 {
             return Err(NotesError::ChapterNotFound);
@@ -905,6 +929,7 @@ impl Store {
             ids,
         )
         .fetch_one(&mut *tx)
+        .statement("notes.reorder_chapters")
         .await?;
         if usize::try_from(moved).ok() != Some(ids.len()) {
             return Ok(None);
@@ -937,6 +962,7 @@ impl Store {
             note_id,
         )
         .fetch_optional(&mut *tx)
+        .statement("notes.create_topic")
         .await?
         .ok_or(NotesError::ChapterNotFound)?;
         if count >= TOPICS_MAX {
@@ -964,6 +990,7 @@ impl Store {
             body.as_str(),
         )
         .fetch_one(&mut *tx)
+        .statement("notes.create_topic")
         .await?;
         Self::check_content_size(&mut tx, note_id).await?;
         tx.commit().await?;
@@ -1013,6 +1040,7 @@ impl Store {
             body.map(Body::as_str),
         )
         .fetch_optional(&mut *tx)
+        .statement("notes.update_topic")
         .await?;
         let Some(topic) = topic else {
             return Err(Self::missing_topic(&mut tx, note_id, chapter_id).await?);
@@ -1051,6 +1079,7 @@ impl Store {
             note_id,
         )
         .fetch_one(&mut *tx)
+        .statement("notes.delete_topic")
         .await?;
         if deleted == 0 {
             return Err(Self::missing_topic(&mut tx, note_id, chapter_id).await?);
@@ -1094,6 +1123,7 @@ impl Store {
             ids,
         )
         .fetch_one(&mut *tx)
+        .statement("notes.reorder_topics")
         .await?;
         if !row.chapter_found {
             return Err(NotesError::ChapterNotFound);
@@ -1118,6 +1148,7 @@ impl Store {
             note_id,
         )
         .fetch_one(&mut **tx)
+        .statement("notes.missing_topic")
         .await?;
         Ok(if chapter_found {
             NotesError::TopicNotFound

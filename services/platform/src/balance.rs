@@ -53,6 +53,21 @@ impl Resolver for SystemResolver {
     }
 }
 
+/// A fixed list of replicas (several on one machine, from a comma-separated URL list).
+#[derive(Debug, Clone, Default)]
+pub struct StaticResolver(pub Vec<SocketAddr>);
+
+impl Resolver for StaticResolver {
+    fn resolve(
+        &self,
+        _host: &str,
+        _port: u16,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + '_>> {
+        let addresses = self.0.clone();
+        Box::pin(async move { Ok(addresses) })
+    }
+}
+
 /// Where to find the replicas: `scheme://host:port`.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {

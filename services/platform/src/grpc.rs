@@ -577,11 +577,39 @@ pub(crate) fn endpoint(
 /// A channel to `url` that connects on first use, so start-up order does not matter. When
 /// the host is a name (a headless Service, say), calls are balanced per request across
 /// every address it resolves to, followed as replicas come and go (see
-/// [`crate::balance`]); an address literal is one connection.
+/// [`crate::balance`]); an address literal is one connection. A comma-separated list of
+/// URLs with address literals (`http://127.0.0.1:50052,http://127.0.0.1:51052`: replicas
+/// on one machine) is balanced the same way over the listed replicas.
 pub fn lazy_channel(
     url: &str,
     config: ClientConfig,
 ) -> Result<TracedChannel, tonic::transport::Error> {
+    if url.contains(',') {
+        let mut addresses = Vec::new();
+        for part in url.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let uri = endpoint(part, config)?.uri().clone();
+            if let Some(address) = uri
+                .authority()
+                .and_then(|a| a.as_str().parse::<std::net::SocketAddr>().ok())
+            {
+                addresses.push(address);
+            }
+        }
+        let scheme = url.split("://").next().unwrap_or("http").trim().to_owned();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let target = crate::balance::Target {
+                scheme,
+                host: "replicas".to_owned(),
+                port: 0,
+            };
+            let resolver = Arc::new(crate::balance::StaticResolver(addresses));
+            return Ok(Traced::new(crate::balance::balanced(
+                target, config, resolver,
+            )));
+        }
+        let first = url.split(',').next().unwrap_or(url).trim();
+        return Ok(Traced::new(endpoint(first, config)?.connect_lazy()));
+    }
     lazy_channel_with(url, config, Arc::new(crate::balance::SystemResolver))
 }
 
@@ -615,7 +643,7 @@ pub fn lazy_channel_with(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(
         clippy::expect_used,
         clippy::unwrap_used,
@@ -665,8 +693,8 @@ mod tests {
     }
 
     /// What a test run recorded: the spans that ended and the metrics text.
-    struct Recorded {
-        spans: Vec<SpanData>,
+    pub(crate) struct Recorded {
+        pub(crate) spans: Vec<SpanData>,
         metrics: String,
     }
 
@@ -688,7 +716,7 @@ mod tests {
 
     /// Runs `test` on a current-thread runtime with a tracing subscriber whose spans are
     /// collected and a metrics recorder of its own, so tests run in parallel unaffected.
-    fn run<T, F: Future<Output = T>>(test: impl FnOnce() -> F) -> (T, Recorded) {
+    pub(crate) fn run<T, F: Future<Output = T>>(test: impl FnOnce() -> F) -> (T, Recorded) {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         let collected = Collected::default();
         let provider = SdkTracerProvider::builder()

@@ -144,9 +144,97 @@ pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("select 1").execute(pool).await.map(|_| ())
 }
 
+/// A span per SQL statement, as OpenTelemetry's database conventions name them: the
+/// statement's summary (the store method, e.g. `auth.credentials`) rather than its text, so
+/// no value — and no secret — ever reaches an attribute. A failed statement marks its span
+/// as an error.
+pub trait StatementSpan: Future + Sized {
+    fn statement(self, summary: &'static str) -> impl Future<Output = Self::Output>;
+}
+
+impl<F, T> StatementSpan for F
+where
+    F: Future<Output = Result<T, sqlx::Error>>,
+{
+    fn statement(self, summary: &'static str) -> impl Future<Output = Self::Output> {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            "db.statement",
+            otel.name = summary,
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            db.system.name = "postgresql",
+            db.query.summary = summary,
+            error.type = tracing::field::Empty,
+        );
+        let recorded = span.clone();
+        async move {
+            let result = self.instrument(span).await;
+            if let Err(error) = &result {
+                recorded.record("otel.status_code", "ERROR");
+                recorded.record("error.type", sqlx_error_type(error));
+            }
+            result
+        }
+    }
+}
+
+/// A low-cardinality name for a failure (never its message, which may quote values).
+fn sqlx_error_type(error: &sqlx::Error) -> &'static str {
+    match error {
+        sqlx::Error::Database(_) => "database",
+        sqlx::Error::PoolTimedOut => "pool_timed_out",
+        sqlx::Error::PoolClosed => "pool_closed",
+        sqlx::Error::Io(_) => "io",
+        sqlx::Error::RowNotFound => "row_not_found",
+        _ => "other",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_statement_gets_a_client_span_named_by_its_summary_and_failures_mark_it() {
+        use opentelemetry::trace::{SpanKind, Status};
+        let ((), recorded) = crate::grpc::tests::run(|| async {
+            let ok = async { Ok::<u32, sqlx::Error>(1) }
+                .statement("auth.credentials")
+                .await;
+            assert!(ok.is_ok());
+            let failed = async { Err::<u32, _>(sqlx::Error::PoolTimedOut) }
+                .statement("auth.open_session")
+                .await;
+            assert!(failed.is_err());
+        });
+        let span = |name: &str| {
+            recorded
+                .spans
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap_or_else(|| panic!("a span named {name}"))
+        };
+        let ok = span("auth.credentials");
+        assert_eq!(ok.span_kind, SpanKind::Client);
+        assert_eq!(ok.status, Status::Unset);
+        let attribute = |span: &opentelemetry_sdk::trace::SpanData, key: &str| {
+            span.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(
+            attribute(ok, "db.system.name").as_deref(),
+            Some("postgresql")
+        );
+        let failed = span("auth.open_session");
+        assert!(matches!(failed.status, Status::Error { .. }));
+        assert_eq!(
+            attribute(failed, "error.type").as_deref(),
+            Some("pool_timed_out")
+        );
+    }
 
     #[test]
     fn swaps_the_database_name() {

@@ -188,3 +188,37 @@ pub enum RedisPingError {
     #[error("redis: timed out waiting for a connection")]
     TimedOut,
 }
+
+/// A span per Redis round trip, named by what it does (`auth.throttle.count`,
+/// `gateway.ratelimit.check`): never the key or the values, which may name a user. A failed
+/// command marks its span as an error.
+pub trait CommandSpan: std::future::Future + Sized {
+    fn command(self, summary: &'static str) -> impl std::future::Future<Output = Self::Output>;
+}
+
+impl<F, T> CommandSpan for F
+where
+    F: std::future::Future<Output = Result<T, RedisError>>,
+{
+    fn command(self, summary: &'static str) -> impl std::future::Future<Output = Self::Output> {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            "redis.command",
+            otel.name = summary,
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            db.system.name = "redis",
+            db.query.summary = summary,
+            error.type = tracing::field::Empty,
+        );
+        let recorded = span.clone();
+        async move {
+            let result = self.instrument(span).await;
+            if let Err(error) = &result {
+                recorded.record("otel.status_code", "ERROR");
+                recorded.record("error.type", error.category());
+            }
+            result
+        }
+    }
+}

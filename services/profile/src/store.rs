@@ -2,6 +2,7 @@
 //! the `profile` schema (offline data in `.sqlx/`; `./dev sqlx-prepare` refreshes it).
 
 use chrono::{DateTime, Utc};
+use platform::postgres::StatementSpan as _;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -186,6 +187,7 @@ impl Store {
             display_name,
         )
         .fetch_optional(&self.db)
+        .statement("profile.load_or_create_profile")
         .await?;
         Ok(row)
     }
@@ -219,6 +221,7 @@ impl Store {
             user_ids,
         )
         .fetch_all(&self.db)
+        .statement("profile.load_profiles")
         .await
     }
 
@@ -258,6 +261,7 @@ impl Store {
             user_id,
         )
         .fetch_optional(&mut *tx)
+        .statement("profile.update_profile")
         .await?;
         let Some(current) = current else {
             return Ok(None);
@@ -288,6 +292,7 @@ impl Store {
             check_category,
         )
         .fetch_one(&mut *tx)
+        .statement("profile.update_profile")
         .await?;
         if !live.profession_ok {
             return Err(UpdateError::UnknownReference("profession_type_id"));
@@ -312,6 +317,7 @@ impl Store {
             fields.locale,
         )
         .execute(&mut *tx)
+        .statement("profile.update_profile")
         .await?;
         tx.commit().await?;
         Ok(Some(Ok(())))
@@ -351,6 +357,7 @@ impl Store {
             end_date,
         )
         .fetch_one(&self.db)
+        .statement("profile.set_subscription")
         .await?;
         Ok(match (row.archived, row.written) {
             (None, _) => WriteOutcome::NotFound,
@@ -377,6 +384,7 @@ impl Store {
             user_id,
         )
         .fetch_all(&self.db)
+        .statement("profile.customer_frames")
         .await
     }
 
@@ -395,6 +403,7 @@ impl Store {
                     "#
                 )
                 .fetch_all(&self.db)
+                .statement("profile.catalog")
                 .await
             }
             Catalog::BusinessCategories => {
@@ -408,6 +417,7 @@ impl Store {
                     "#
                 )
                 .fetch_all(&self.db)
+                .statement("profile.catalog")
                 .await
             }
         }
@@ -434,6 +444,7 @@ impl Store {
                     sort_order,
                 )
                 .fetch_one(&self.db)
+                .statement("profile.create_catalog_entry")
                 .await
             }
             Catalog::BusinessCategories => {
@@ -448,6 +459,7 @@ impl Store {
                     sort_order,
                 )
                 .fetch_one(&self.db)
+                .statement("profile.create_catalog_entry")
                 .await
             }
         };
@@ -484,6 +496,7 @@ impl Store {
                     sort_order,
                 )
                 .fetch_optional(&self.db)
+                .statement("profile.update_catalog_entry")
                 .await
             }
             Catalog::BusinessCategories => {
@@ -502,6 +515,7 @@ impl Store {
                     sort_order,
                 )
                 .fetch_optional(&self.db)
+                .statement("profile.update_catalog_entry")
                 .await
             }
         };
@@ -531,6 +545,7 @@ impl Store {
                     id,
                 )
                 .execute(&self.db)
+                .statement("profile.archive_catalog_entry")
                 .await?
             }
             Catalog::BusinessCategories => {
@@ -543,6 +558,7 @@ impl Store {
                     id,
                 )
                 .execute(&self.db)
+                .statement("profile.archive_catalog_entry")
                 .await?
             }
         };
@@ -562,6 +578,7 @@ impl Store {
             "#
         )
         .fetch_all(&self.db)
+        .statement("profile.plans")
         .await
     }
 
@@ -589,6 +606,7 @@ impl Store {
             fields.sort_order,
         )
         .fetch_optional(&self.db)
+        .statement("profile.create_plan")
         .await?;
         Ok(row.map_or(WriteOutcome::NameTaken, WriteOutcome::Done))
     }
@@ -619,6 +637,7 @@ impl Store {
             fields.sort_order,
         )
         .fetch_optional(&self.db)
+        .statement("profile.update_plan")
         .await?;
         Ok(row.map_or(WriteOutcome::NotFound, WriteOutcome::Done))
     }
@@ -638,6 +657,7 @@ impl Store {
             id,
         )
         .fetch_one(&self.db)
+        .statement("profile.archive_plan")
         .await?;
         Ok(match row.is_default {
             None => WriteOutcome::NotFound,
@@ -659,6 +679,7 @@ impl Store {
             user_ids,
         )
         .execute(&self.db)
+        .statement("profile.touch_active")
         .await?;
         Ok(done.rows_affected())
     }
@@ -681,6 +702,7 @@ impl Store {
             limit,
         )
         .fetch_all(&self.db)
+        .statement("profile.recently_active")
         .await
     }
 }

@@ -1102,8 +1102,10 @@ async fn a_hundred_concurrent_reads_of_a_cold_profile_run_one_statement() {
     let metrics = http_get(set.replicas[cold].profile.addr, "/metrics")
         .await
         .text();
+    // The cold profile was a miss at least once (whether any of the 100 then hit L1 or
+    // all joined the one load depends on timing; the statement count below is the point).
     assert!(
-        metrics.contains(r#"cache_requests_total{cache="profile",level="l1",result="hit"}"#),
+        metrics.contains(r#"cache_requests_total{cache="profile",level="l1",result="miss"}"#),
         "{metrics}"
     );
     stop_profile(&mut set, cold, &mut db).await;

@@ -10,6 +10,7 @@ use proto::{
 use serde::Serialize;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use super::forward;
 use crate::{
     AppState,
     context::{Admin, Deadline, RequestContext},
@@ -80,7 +81,7 @@ async fn db_pool_status(
     let (auth, profile, notes) = tokio::join!(
         async {
             let reply = AuthServiceClient::new(upstreams.auth.channel.clone())
-                .get_pool_status(forwarded(&context, deadline, &headers)?)
+                .get_pool_status(forward(&context, deadline, &headers, Default::default())?)
                 .await;
             Ok::<_, ApiError>(reply.map(|r| {
                 let r = r.into_inner();
@@ -89,7 +90,7 @@ async fn db_pool_status(
         },
         async {
             let reply = ProfileServiceClient::new(upstreams.profile.channel.clone())
-                .get_pool_status(forwarded(&context, deadline, &headers)?)
+                .get_pool_status(forward(&context, deadline, &headers, Default::default())?)
                 .await;
             Ok::<_, ApiError>(reply.map(|r| {
                 let r = r.into_inner();
@@ -98,7 +99,7 @@ async fn db_pool_status(
         },
         async {
             let reply = NotesServiceClient::new(upstreams.notes.channel.clone())
-                .get_pool_status(forwarded(&context, deadline, &headers)?)
+                .get_pool_status(forward(&context, deadline, &headers, Default::default())?)
                 .await;
             Ok::<_, ApiError>(reply.map(|r| {
                 let r = r.into_inner();
@@ -127,13 +128,4 @@ async fn db_pool_status(
         })
         .collect();
     Ok(Json(PoolStatusReply { services }))
-}
-
-/// An empty request carrying the admin's own token: each service checks it again.
-fn forwarded<T: Default>(
-    context: &RequestContext,
-    deadline: Deadline,
-    headers: &HeaderMap,
-) -> Result<tonic::Request<T>, ApiError> {
-    super::call(context, deadline, headers, None, T::default())
 }

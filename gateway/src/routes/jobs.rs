@@ -26,7 +26,7 @@ use proto::notes::v1::{
 use serde::{Deserialize, Serialize};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{call, rfc3339};
+use super::{forward as request, rfc3339};
 use crate::{
     AppState,
     context::{Deadline, RequestContext, SignedIn},
@@ -52,15 +52,6 @@ pub(crate) fn router() -> OpenApiRouter<AppState> {
 
 fn client(upstreams: &Upstreams) -> NotesServiceClient<platform::grpc::TracedChannel> {
     NotesServiceClient::new(upstreams.notes.channel.clone())
-}
-
-fn request<T>(
-    context: &RequestContext,
-    deadline: Deadline,
-    headers: &HeaderMap,
-    message: T,
-) -> Result<tonic::Request<T>, ApiError> {
-    call(context, deadline, headers, None, message)
 }
 
 // ---------------------------------------------------------------------------

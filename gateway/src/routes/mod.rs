@@ -100,6 +100,17 @@ pub(crate) fn call<T>(
     Ok(request)
 }
 
+/// A request to profile or notes: the caller's bearer token, request id and deadline (the
+/// client address and agent matter to auth only).
+pub(crate) fn forward<T>(
+    context: &RequestContext,
+    deadline: Deadline,
+    headers: &HeaderMap,
+    message: T,
+) -> Result<tonic::Request<T>, ApiError> {
+    call(context, deadline, headers, None, message)
+}
+
 /// RFC 3339 in UTC, as every timestamp the gateway returns.
 pub(crate) fn rfc3339(timestamp: Option<prost_types::Timestamp>) -> Option<String> {
     let t = timestamp?;

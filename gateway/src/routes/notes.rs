@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use utoipa_axum::router::UtoipaMethodRouterExt as _;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{call, rfc3339};
+use super::{forward as request, rfc3339};
 use crate::{
     AppState,
     context::{Deadline, RequestContext, SignedIn},
@@ -60,16 +60,6 @@ fn client(upstreams: &Upstreams) -> NotesServiceClient<platform::grpc::TracedCha
     NotesServiceClient::new(upstreams.notes.channel.clone())
         .max_decoding_message_size(proto::notes::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(proto::notes::MAX_MESSAGE_BYTES)
-}
-
-/// A request to notes carrying the caller's token, request id and deadline.
-fn request<T>(
-    context: &RequestContext,
-    deadline: Deadline,
-    headers: &HeaderMap,
-    message: T,
-) -> Result<tonic::Request<T>, ApiError> {
-    call(context, deadline, headers, None, message)
 }
 
 // ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::rfc3339;
+use super::{forward as call, rfc3339};
 use crate::{
     AppState,
     context::{Admin, Deadline, RequestContext, SignedIn},
@@ -42,17 +42,6 @@ type Client = ProfileServiceClient<platform::grpc::TracedChannel>;
 
 fn client(state: &AppState) -> Client {
     ProfileServiceClient::new(state.upstreams.profile.channel.clone())
-}
-
-/// A request to profile carrying the caller's bearer token (the client address matters to
-/// auth only).
-fn call<T>(
-    context: &RequestContext,
-    deadline: Deadline,
-    headers: &HeaderMap,
-    message: T,
-) -> Result<tonic::Request<T>, ApiError> {
-    super::call(context, deadline, headers, None, message)
 }
 
 // ---------------------------------------------------------------------------
